@@ -1,0 +1,1 @@
+"""Data: SynthVL generation, video decoding, annotation readers, datasets, tokenization."""

@@ -1,0 +1,1 @@
+"""Model parts: layers, video and text towers, fusion, evl-specific modules, the composed model."""

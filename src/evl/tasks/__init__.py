@@ -1,0 +1,1 @@
+"""Downstream tasks: retrieval and question answering (metrics and evaluation loops)."""
