@@ -1,0 +1,575 @@
+"""Annotation readers for the standard video-language formats, all producing one `Record` type.
+
+Why one record type: datasets, tasks and `evl data check` should not care whether the labels came from
+a LAVIS/VindLU JSON, the official MSRVTT file, a NExT-QA CSV, STAR, WebVid or EgoClip. Every reader
+validates as it goes and raises `AnnotationError` naming the file, the row (1-based; for CSV also the
+line), the field, the bad value and what was expected — a malformed row found at epoch 3 wastes a run.
+
+Readers are plain functions in the `FORMATS` registry (no registration by import side effect). The
+first line of each reader's docstring is what `evl data formats` prints.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evl.errors import AnnotationError
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
+
+
+@dataclass
+class Record:
+    """One annotated video (or clip): the unit every dataset and task consumes.
+
+    `video` is the path as the annotation names it (with extension), relative to a videos folder or
+    absolute; `source` is "file:row" so later errors can point back to the annotation row.
+    """
+
+    video: str
+    captions: list[str] = field(default_factory=list)
+    question: str | None = None
+    answer: str | None = None
+    options: list[str] | None = None
+    answer_index: int | None = None
+    start: float | None = None
+    end: float | None = None
+    qtype: str | None = None
+    meta: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        """Task kind: "multiple_choice" (has options), "qa" (has a question) or "caption"."""
+        if self.options:
+            return "multiple_choice"
+        if self.question is not None:
+            return "qa"
+        return "caption"
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+class _Row:
+    """Where a row came from, so every error message can name the file, row, line and field."""
+
+    def __init__(self, path: Path, index: int, line: int | None = None, label: str = "row"):
+        self.path, self.index, self.line, self.label = path, index, line, label
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.index}"
+
+    def error(self, field_name: str, value: Any, expected: str) -> AnnotationError:
+        where = f"{self.label} {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        return AnnotationError(f"{self.path}: {where}: field {field_name!r} is {shown}; expected {expected}")
+
+
+_MISSING = object()
+
+
+def _get(row: dict, key: str, where: _Row) -> Any:
+    value = row.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        raise where.error(key, None if value is _MISSING else value, "a value (the field is required)")
+    return value
+
+
+def _text(value: Any, key: str, where: _Row) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(key, value, "a non-empty string")
+    return value
+
+
+def _number(value: Any, key: str, where: _Row) -> float:
+    """Parse seconds from a JSON number or a CSV string; bools are not numbers here."""
+    if isinstance(value, bool):
+        raise where.error(key, value, "a number (seconds)")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise where.error(key, value, "a number (seconds)") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise where.error(key, value, "a finite number (seconds)")
+    return out
+
+
+def _integer(value: Any, key: str, where: _Row) -> int:
+    if isinstance(value, bool):
+        raise where.error(key, value, "an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise where.error(key, value, "an integer")
+
+
+def _with_ext(name: str) -> str:
+    """Dataset ids (NExT-QA, STAR, MSRVTT, EgoClip) name videos without extension; files are .mp4."""
+    return name if name.lower().endswith(VIDEO_EXTENSIONS) else f"{name}.mp4"
+
+
+def _span(row: dict, start_key: str, end_key: str, where: _Row) -> tuple[float | None, float | None]:
+    start = row.get(start_key)
+    end = row.get(end_key)
+    start = None if start in (None, "") else _number(start, start_key, where)
+    end = None if end in (None, "") else _number(end, end_key, where)
+    if start is not None and start < 0:
+        raise where.error(start_key, start, "seconds >= 0")
+    if start is not None and end is not None and end < start:
+        raise where.error(end_key, end, f"seconds >= {start_key} ({start})")
+    return start, end
+
+
+def _answer_index(options: list[str], idx: int, key: str, where: _Row) -> int:
+    if not 0 <= idx < len(options):
+        raise where.error(key, idx, f"an option index in 0..{len(options) - 1}")
+    return idx
+
+
+def _match_answer(options: list[str], answer: str, key: str, where: _Row) -> int:
+    """Find the answer among the options: exact first, then ignoring case and surrounding space."""
+    if answer in options:
+        return options.index(answer)
+    folded = [o.strip().lower() for o in options]
+    if answer.strip().lower() in folded:
+        return folded.index(answer.strip().lower())
+    raise where.error(key, answer, f"one of the choices {options}")
+
+
+def _meta(row: dict, used: set[str]) -> dict:
+    return {k: v for k, v in row.items() if k not in used}
+
+
+# ----------------------------------------------------------------------------- file loading
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise AnnotationError(f"{path}: annotation file not found; check the path")
+    if path.is_dir():
+        raise AnnotationError(f"{path}: is a folder; pass an annotation file (.json, .jsonl, .csv, .tsv)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+    if not text.strip():
+        raise AnnotationError(f"{path}: file is empty; expected annotation rows")
+    return text
+
+
+def _json_error(path: Path, e: json.JSONDecodeError, line_offset: int = 0) -> AnnotationError:
+    return AnnotationError(
+        f"{path}: invalid JSON at line {e.lineno + line_offset} column {e.colno}: {e.msg}; "
+        "fix the syntax (a JSON list of objects, an object, or JSON Lines with one object per line)"
+    )
+
+
+def _parse_jsonl(path: Path, text: str) -> list:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise _json_error(path, e, line_offset=lineno - 1) from None
+    return rows
+
+
+def _load_json(path: Path) -> Any:
+    """Parse a JSON document, or JSON Lines (by .jsonl suffix, or a .json holding several documents)."""
+    text = _read_text(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return _parse_jsonl(path, text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _parse_jsonl(path, text)
+        raise _json_error(path, e) from None
+
+
+def _rows_list(data: Any, path: Path, what: str) -> list:
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a JSON list of {what} objects, got {type(data).__name__}")
+    return data
+
+
+def _sniff_delimiter(header: str) -> str:
+    """EgoClip ships tab-separated '.csv' files, so decide by the header, not the extension."""
+    return "\t" if header.count("\t") > header.count(",") else ","
+
+
+def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[dict, _Row]]:
+    """Yield (row dict, location); check the header has `required` and each row has the header's width."""
+    text = _read_text(path)
+    header_line = text.splitlines()[0]
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=_sniff_delimiter(header_line))
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    reader.fieldnames = fields
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise AnnotationError(f"{path}: header (line 1) lacks column(s) {missing}; found {fields}; "
+                              f"expected at least {list(required)}")
+    for index, row in enumerate(reader, start=1):
+        where = _Row(path, index, reader.line_num)
+        if None in row:
+            raise where.error("(row width)", row[None], f"{len(fields)} fields like the header, got more")
+        short = [k for k, v in row.items() if v is None]
+        if short:
+            raise where.error(short[0], None, f"{len(fields)} fields like the header, got fewer")
+        yield row, where
+
+
+def _nonempty(records: list[Record], path: Path) -> list[Record]:
+    if not records:
+        raise AnnotationError(f"{path}: no records; the file parsed but holds no annotation rows")
+    return records
+
+
+# ----------------------------------------------------------------------------- LAVIS / VindLU JSON
+
+
+def _lavis_record(row: Any, where: _Row) -> Record:
+    if not isinstance(row, dict):
+        raise where.error("(row)", row, "a JSON object with at least 'video'")
+    video = _text(_get(row, "video", where), "video", where)
+    rec = Record(video=video, source=where.source)
+    answer = row.get("answer")
+    caption = row.get("caption")
+    multiple_choice = isinstance(answer, int) and not isinstance(answer, bool)
+    if caption is not None:
+        if isinstance(caption, str):
+            caption = [caption]
+        if not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption):
+            raise where.error("caption", row["caption"], "a string or a non-empty list of strings")
+        if multiple_choice:
+            rec.options = list(caption)
+        else:
+            rec.captions = list(caption)
+    if row.get("options") is not None:
+        opts = row["options"]
+        if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
+            raise where.error("options", opts, "a non-empty list of strings")
+        rec.options = list(opts)
+    if row.get("question") is not None:
+        rec.question = _text(row["question"], "question", where)
+    if answer is not None:
+        if multiple_choice:
+            if rec.options is None:
+                raise where.error("answer", answer, "an answer text (an integer answer needs a 'caption' "
+                                  "or 'options' list of candidates)")
+            rec.answer_index = _answer_index(rec.options, answer, "answer", where)
+            rec.answer = rec.options[rec.answer_index]
+        elif isinstance(answer, str):
+            rec.answer = answer
+            if rec.options is not None:
+                rec.answer_index = _match_answer(rec.options, answer, "answer", where)
+        else:
+            raise where.error("answer", answer, "a string (open-ended) or an integer option index")
+    qtype = row.get("type", row.get("qtype"))
+    if qtype is not None:
+        rec.qtype = str(qtype)
+    rec.start, rec.end = _span(row, "start", "end", where)
+    if not rec.captions and rec.question is None and rec.options is None:
+        raise where.error("caption", None, "a 'caption' (retrieval), a 'question' (QA) or candidates (multiple choice)")
+    rec.meta = _meta(row, {"video", "caption", "options", "question", "answer", "type", "qtype", "start", "end"})
+    return rec
+
+
+def _lavis_records(data: Any, path: Path) -> list[Record]:
+    rows = _rows_list(data, path, "annotation")
+    return _nonempty([_lavis_record(row, _Row(path, i)) for i, row in enumerate(rows, start=1)], path)
+
+
+def read_lavis(path: str | Path) -> list[Record]:
+    """LAVIS/VindLU JSON list or JSON Lines: {video, caption} | {video, question, answer, type} | {video, caption: [options], answer: int}."""
+    path = Path(path)
+    return _lavis_records(_load_json(path), path)
+
+
+# ----------------------------------------------------------------------------- MSRVTT official
+
+
+def _msrvtt_records(data: Any, path: Path) -> list[Record]:
+    if not isinstance(data, dict) or "videos" not in data or "sentences" not in data:
+        raise AnnotationError(f"{path}: expected the MSRVTT_data.json layout "
+                              "{'videos': [...], 'sentences': [...]}")
+    videos = _rows_list(data["videos"], path, "'videos'")
+    sentences = _rows_list(data["sentences"], path, "'sentences'")
+    records: dict[str, Record] = {}
+    for i, row in enumerate(videos, start=1):
+        where = _Row(path, i, label="videos row")
+        if not isinstance(row, dict):
+            raise where.error("videos[]", row, "an object with 'video_id'")
+        vid = _text(_get(row, "video_id", where), "video_id", where)
+        records[vid] = Record(video=_with_ext(vid), source=f"{path}:videos[{i}]",
+                              meta={**_meta(row, {"video_id"}), "video_id": vid, "sen_ids": []})
+    for i, row in enumerate(sentences, start=1):
+        where = _Row(path, i, label="sentences row")
+        if not isinstance(row, dict):
+            raise where.error("sentences[]", row, "an object with 'video_id' and 'caption'")
+        vid = row.get("video_id")
+        if vid not in records:
+            raise where.error("video_id", vid, "a video_id listed under 'videos'")
+        caption = _text(row.get("caption"), "caption", where)
+        records[vid].captions.append(caption)
+        if "sen_id" in row:
+            records[vid].meta["sen_ids"].append(row["sen_id"])
+    return _nonempty(list(records.values()), path)
+
+
+def read_msrvtt(path: str | Path) -> list[Record]:
+    """MSRVTT official MSRVTT_data.json: {videos: [{video_id, split}], sentences: [{video_id, caption}]} → one record per video."""
+    path = Path(path)
+    return _msrvtt_records(_load_json(path), path)
+
+
+# ----------------------------------------------------------------------------- STAR JSON
+
+
+def _star_choices(value: Any, where: _Row) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise where.error("choices", value, "a non-empty list of {'choice_id', 'choice'} objects or strings")
+    out = []
+    for c in value:
+        text = c.get("choice") if isinstance(c, dict) else c
+        if not isinstance(text, str):
+            raise where.error("choices", c, "{'choice_id': int, 'choice': str} or a string")
+        out.append(text)
+    return out
+
+
+def _star_record(row: Any, where: _Row) -> Record:
+    if not isinstance(row, dict):
+        raise where.error("(row)", row, "a JSON object with question_id, question, video_id, choices")
+    qid = _text(_get(row, "question_id", where), "question_id", where)
+    vid = _text(_get(row, "video_id", where), "video_id", where)
+    options = _star_choices(_get(row, "choices", where), where)
+    rec = Record(video=_with_ext(vid), question=_text(_get(row, "question", where), "question", where),
+                 options=options, qtype=qid.split("_")[0], source=where.source)
+    answer = row.get("answer")
+    if answer is not None:  # the STAR test split has no answers
+        rec.answer = _text(answer, "answer", where)
+        rec.answer_index = _match_answer(options, rec.answer, "answer", where)
+    rec.start, rec.end = _span(row, "start", "end", where)
+    rec.meta = _meta(row, {"video_id", "question", "answer", "choices", "start", "end"})
+    return rec
+
+
+def _star_records(data: Any, path: Path) -> list[Record]:
+    rows = _rows_list(data, path, "STAR question")
+    return _nonempty([_star_record(row, _Row(path, i)) for i, row in enumerate(rows, start=1)], path)
+
+
+def read_star(path: str | Path) -> list[Record]:
+    """STAR JSON: {question_id, question, video_id, start, end, answer, choices}; qtype from the question_id prefix."""
+    path = Path(path)
+    return _star_records(_load_json(path), path)
+
+
+# ----------------------------------------------------------------------------- CSV formats
+
+_NEXTQA_COLUMNS = ("video", "question", "answer", "a0")
+
+
+def _option_columns(row: dict) -> list[str]:
+    """The contiguous option columns a0, a1, ... (NExT-QA has five; other MC CSVs may have more or fewer)."""
+    keys = []
+    while f"a{len(keys)}" in row:
+        keys.append(f"a{len(keys)}")
+    return keys
+
+
+def read_nextqa(path: str | Path) -> list[Record]:
+    """NExT-QA CSV: video, frame_count, width, height, question, answer (option index), qid, type, a0..a4."""
+    path = Path(path)
+    records = []
+    for row, where in _csv_rows(path, _NEXTQA_COLUMNS):
+        option_keys = _option_columns(row)
+        options = [_text(row[k], k, where) for k in option_keys]
+        idx = _answer_index(options, _integer(row["answer"], "answer", where), "answer", where)
+        rec = Record(video=_with_ext(_text(row["video"], "video", where)),
+                     question=_text(row["question"], "question", where), options=options, answer_index=idx,
+                     answer=options[idx], qtype=row.get("type") or None, source=where.source)
+        meta = _meta(row, {"video", "question", "answer", "type", *option_keys})
+        for k in ("frame_count", "width", "height"):
+            if meta.get(k, "").strip().isdigit():
+                meta[k] = int(meta[k])
+        rec.meta = meta
+        records.append(rec)
+    return _nonempty(records, path)
+
+
+_WEBVID_COLUMNS = ("videoid", "name", "page_dir")
+
+
+def read_webvid(path: str | Path) -> list[Record]:
+    """WebVid CSV: videoid, name, page_dir, duration, contentUrl → video = page_dir/videoid.mp4, caption = name."""
+    path = Path(path)
+    records = []
+    for row, where in _csv_rows(path, _WEBVID_COLUMNS):
+        vid = _text(row["videoid"], "videoid", where).strip()
+        page = _text(row["page_dir"], "page_dir", where).strip()
+        rec = Record(video=f"{page}/{_with_ext(vid)}", captions=[_text(row["name"], "name", where)],
+                     source=where.source, meta=_meta(row, {"name"}))
+        if rec.meta.get("duration"):
+            rec.meta["duration"] = _webvid_duration(rec.meta["duration"], where)
+        records.append(rec)
+    return _nonempty(records, path)
+
+
+def _webvid_duration(value: str, where: _Row) -> float:
+    """WebVid durations are ISO-8601 like 'PT00H00M11S'; plain seconds are accepted too."""
+    v = value.strip()
+    if v.upper().startswith("PT"):
+        import re
+
+        m = re.fullmatch(r"PT(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?", v.upper())
+        if not m:
+            raise where.error("duration", value, "seconds or an ISO-8601 duration like 'PT00H00M11S'")
+        h, mi, s = (float(x) if x else 0.0 for x in m.groups())
+        return h * 3600 + mi * 60 + s
+    return _number(v, "duration", where)
+
+
+_EGOCLIP_COLUMNS = ("video_uid", "clip_start", "clip_end", "clip_text")
+
+
+def _tag_list(value: str | None, key: str, where: _Row) -> list[int]:
+    """Parse a stringified int list like "[3, 12]" safely (json, then ast.literal_eval — never eval)."""
+    if value is None or not value.strip():
+        return []
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise where.error(key, value, 'a list of integers like "[3, 12]"') from None
+    if isinstance(parsed, tuple):
+        parsed = list(parsed)
+    if not isinstance(parsed, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in parsed):
+        raise where.error(key, value, 'a list of integers like "[3, 12]"')
+    return parsed
+
+
+def read_egoclip(path: str | Path) -> list[Record]:
+    """EgoClip CSV/TSV: video_uid, clip_start, clip_end, clip_text, tag_verb, tag_noun (clip-level narrations)."""
+    path = Path(path)
+    records = []
+    for row, where in _csv_rows(path, _EGOCLIP_COLUMNS):
+        start, end = _span(row, "clip_start", "clip_end", where)
+        if start is None or end is None:
+            raise where.error("clip_start" if start is None else "clip_end", "", "a number (seconds)")
+        rec = Record(video=_with_ext(_text(row["video_uid"], "video_uid", where).strip()),
+                     captions=[_text(row["clip_text"], "clip_text", where)], start=start, end=end,
+                     source=where.source)
+        meta = _meta(row, {"clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"})
+        meta["verbs"] = _tag_list(row.get("tag_verb"), "tag_verb", where)
+        meta["nouns"] = _tag_list(row.get("tag_noun"), "tag_noun", where)
+        rec.meta = meta
+        records.append(rec)
+    return _nonempty(records, path)
+
+
+# ----------------------------------------------------------------------------- registry + detection
+
+FORMATS: dict[str, Callable[[str | Path], list[Record]]] = {
+    "lavis": read_lavis,
+    "msrvtt": read_msrvtt,
+    "nextqa": read_nextqa,
+    "star": read_star,
+    "webvid": read_webvid,
+    "egoclip": read_egoclip,
+}
+
+_JSON_BUILDERS: dict[str, Callable[[Any, Path], list[Record]]] = {
+    "lavis": _lavis_records,
+    "msrvtt": _msrvtt_records,
+    "star": _star_records,
+}
+
+_CSV_HEADERS = (("egoclip", _EGOCLIP_COLUMNS), ("webvid", _WEBVID_COLUMNS), ("nextqa", _NEXTQA_COLUMNS))
+
+
+def _detect_json(data: Any, path: Path) -> str:
+    if isinstance(data, dict) and "videos" in data and "sentences" in data:
+        return "msrvtt"
+    if isinstance(data, list):
+        first = next((r for r in data if isinstance(r, dict)), None)
+        if first is None:
+            raise AnnotationError(f"{path}: no records; the JSON list holds no annotation objects")
+        if "question_id" in first and "choices" in first:
+            return "star"
+        if "video" in first:
+            return "lavis"
+        raise AnnotationError(f"{path}: cannot tell the format from the keys {sorted(first)}; expected 'video' "
+                              "(lavis) or 'question_id'+'choices' (star); pass the format explicitly")
+    keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+    raise AnnotationError(f"{path}: cannot tell the format of a JSON {keys}; expected a list of objects "
+                          "(lavis/star) or {'videos', 'sentences'} (msrvtt)")
+
+
+def _detect_csv(path: Path) -> str:
+    header_line = _read_text(path).splitlines()[0]
+    header = {c.strip() for c in next(csv.reader([header_line], delimiter=_sniff_delimiter(header_line)))}
+    for name, required in _CSV_HEADERS:
+        if set(required) <= header:
+            return name
+    expected = "; ".join(f"{n}: {list(c)}" for n, c in _CSV_HEADERS)
+    raise AnnotationError(f"{path}: cannot tell the format from the header {sorted(header)}; "
+                          f"expected the columns of one of — {expected}")
+
+
+def _is_tabular(path: Path) -> bool:
+    return path.suffix.lower() in (".csv", ".tsv")
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the format of an annotation file from its extension and its header (CSV) or keys (JSON)."""
+    path = Path(path)
+    if _is_tabular(path):
+        return _detect_csv(path)
+    if path.suffix.lower() in (".json", ".jsonl", ".ndjson"):
+        return _detect_json(_load_json(path), path)
+    raise AnnotationError(f"{path}: unknown annotation file extension {path.suffix!r}; "
+                          "expected .json, .jsonl, .csv or .tsv (or pass the format explicitly)")
+
+
+def read_annotations(path: str | Path, fmt: str | None = None) -> list[Record]:
+    """Read any supported annotation file into Records; `fmt` (a `FORMATS` name) skips detection."""
+    return read_annotations_with_format(path, fmt)[1]
+
+
+def read_annotations_with_format(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record]]:
+    """Like `read_annotations`, also returning the format name used (for reports such as `evl data check`).
+
+    JSON is parsed once here even when the format is detected, because real files (MSRVTT, STAR) are
+    tens of MB.
+    """
+    path = Path(path)
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise AnnotationError(f"unknown annotation format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        return fmt, FORMATS[fmt](path)
+    if _is_tabular(path):
+        fmt = _detect_csv(path)
+        return fmt, FORMATS[fmt](path)
+    if path.suffix.lower() in (".json", ".jsonl", ".ndjson"):
+        data = _load_json(path)
+        fmt = _detect_json(data, path)
+        return fmt, _JSON_BUILDERS[fmt](data, path)
+    fmt = detect_format(path)  # raises: unknown extension
+    return fmt, FORMATS[fmt](path)
