@@ -70,6 +70,35 @@ def data_formats() -> None:
         typer.echo(f"{name:14s} {(reader.__doc__ or '').strip().splitlines()[0]}")
 
 
+@bench_app.command("model")
+def bench_model(
+    config: str = typer.Argument(..., help="Model config: a packaged name (tiny, small, base, tiny-backbone) or a YAML file."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per clip (default: the config's num_frames)."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes for latency/throughput."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs per batch size (after 2 warm-up runs); the median is reported."),
+    device: str = typer.Option("cpu", "--device", help="Device for latency/throughput (cpu, cuda)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast) for the timed runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Parameters (total/per part), GFLOPs per clip (dual and fusion path), latency and throughput."""
+    from evl.config import load_yaml
+    from evl.efficiency import efficiency_report, format_report
+    from evl.models.model import build_model
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--batch-sizes must list positive integers, got {batch_sizes!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        model = build_model(load_yaml(config))
+        report = efficiency_report(model, config, frames=frames, batch_sizes=sizes, repeats=repeats,
+                                   device=device, precision=precision)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
+
+
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder for data, checkpoints and report."),

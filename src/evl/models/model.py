@@ -1,0 +1,229 @@
+"""`VideoLanguageModel`: the towers, the fusion, and the heads, composed from one typed config.
+
+Dual path (retrieval):  encode_video / encode_text → L2-normalised embeddings, cosine similarity.
+Fusion path (matching, MLM, QA): `fuse` runs the cross-modal part on chosen (video, text) pairs.
+
+With backbone fusion (EgoVLPv2) the lower tower layers are shared by both paths: `video_features` /
+`text_features` keep the hidden states entering the fused layers (`lower`), and `fuse` restarts from
+there, so a pre-training step pays for the lower layers once, not once per pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evl.config import from_dict, to_dict
+from evl.models.fusion import CrossModalEncoder, FusionConfig, run_lockstep
+from evl.models.text import TextEncoder, TextEncoderConfig, masked_mean
+from evl.models.video import VideoEncoder, VideoEncoderConfig
+from evl.objectives import LogitScale
+
+
+@dataclass
+class ModelConfig:
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    embed_dim: int = 256          # shared space of the dual encoder
+    num_answers: int = 0          # open-ended QA head size; 0 = no QA head (fine-tuning sets it)
+
+    def __post_init__(self) -> None:
+        n = self.fusion.num_layers if self.fusion.kind == "backbone" else 0
+        for tower, other, name in ((self.video, self.text, "video"), (self.text, self.video, "text")):
+            if n > tower.num_layers:
+                raise ValueError(f"fusion.num_layers={n} exceeds {name}.num_layers={tower.num_layers}")
+        self.video = dataclasses.replace(self.video, fusion_layers=n, context_dim=self.text.hidden_size if n else None)
+        self.text = dataclasses.replace(self.text, fusion_layers=n, context_dim=self.video.hidden_size if n else None)
+
+
+@dataclass
+class VideoFeatures:
+    emb: torch.Tensor             # (B, E) L2-normalised
+    tokens: torch.Tensor          # (B, N, Dv) final tokens (dual mode)
+    token_mask: torch.Tensor      # (B, N) bool
+    lower: torch.Tensor | None = None      # hidden states entering the fused layers (backbone fusion)
+    lower_mask: torch.Tensor | None = None
+    time_slots: int = 0
+
+    def select(self, index: torch.Tensor) -> VideoFeatures:
+        pick = (lambda t: None if t is None else t[index])
+        return VideoFeatures(self.emb[index], self.tokens[index], self.token_mask[index],
+                             pick(self.lower), pick(self.lower_mask), self.time_slots)
+
+
+@dataclass
+class TextFeatures:
+    emb: torch.Tensor             # (B, E) L2-normalised
+    tokens: torch.Tensor          # (B, L, Dt)
+    attention_mask: torch.Tensor  # (B, L)
+    lower: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> TextFeatures:
+        return TextFeatures(self.emb[index], self.tokens[index], self.attention_mask[index],
+                            None if self.lower is None else self.lower[index])
+
+
+@dataclass
+class FusionOutput:
+    text_tokens: torch.Tensor     # (N, L, Dt) fused text tokens (MLM reads these)
+    pooled: torch.Tensor          # (N, fused_dim) pair representation (VTM / QA heads read this)
+
+
+class MLMHead(nn.Module):
+    """BERT's transform (dense, GELU, LayerNorm) + a decoder tied to the word embeddings."""
+
+    def __init__(self, dim: int, word_embeddings: nn.Embedding, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+        self._words = [word_embeddings]   # a list, so the tied weight is not registered twice
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(h))), self._words[0].weight, self.bias)
+
+
+class VideoLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.video = VideoEncoder(cfg.video)
+        self.text = TextEncoder(cfg.text)
+        vw, tw = cfg.video.hidden_size, cfg.text.hidden_size
+        self.video_proj = nn.Linear(vw, cfg.embed_dim)
+        self.text_proj = nn.Linear(tw, cfg.embed_dim)
+        self.logit_scale = LogitScale()
+        kind = cfg.fusion.kind
+        self.cross = CrossModalEncoder(tw, vw, cfg.fusion) if kind == "encoder" else None
+        self.fused_dim = {"encoder": tw, "backbone": vw + tw, "none": 0}[kind]
+        self.video_fuse_start = cfg.video.num_layers - cfg.video.fusion_layers
+        self.text_fuse_start = cfg.text.num_layers - cfg.text.fusion_layers
+        if kind != "none":
+            self.vtm_head = nn.Linear(self.fused_dim, 2)
+            self.mlm_head = MLMHead(tw, self.text.embeddings.word_embeddings)
+        self.qa_head = self._make_qa_head(cfg.num_answers) if cfg.num_answers else None
+
+    # ---------------------------------------------------------------- construction / persistence
+
+    def _make_qa_head(self, num_answers: int) -> nn.Module:
+        if self.cfg.fusion.kind == "none":
+            raise ValueError("open-ended QA needs a fusion model (fusion.kind 'encoder' or 'backbone')")
+        d = self.fused_dim
+        return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, num_answers))
+
+    def set_num_answers(self, num_answers: int) -> None:
+        """(Re)create the QA head for an answer vocabulary of `num_answers` (fine-tuning)."""
+        self.cfg.num_answers = num_answers
+        self.qa_head = self._make_qa_head(num_answers)
+
+    def config_dict(self) -> dict:
+        return to_dict(self.cfg)
+
+    @classmethod
+    def from_config_dict(cls, data: dict, load_text_weights: bool = False) -> VideoLanguageModel:
+        """Build from a (saved) config dict; `load_text_weights=False` skips loading MiniLM weights that
+        a checkpoint will overwrite anyway."""
+        cfg = from_dict(ModelConfig, data, where="model")
+        if not load_text_weights:
+            cfg.text = dataclasses.replace(cfg.text, pretrained=None)
+        return cls(cfg)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from evl.checkpoint import save_model
+
+        return save_model(directory, self, {"model": self.config_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, strict: bool = True) -> VideoLanguageModel:
+        """Rebuild from `directory/config.json` and load `model.safetensors` (strict by default)."""
+        from evl.checkpoint import load_model_state, read_config
+        from evl.errors import CheckpointError
+
+        cfg = read_config(directory)
+        if "model" not in cfg:
+            raise CheckpointError(f"{directory}/config.json has no 'model' section; was it saved by evl?")
+        model = cls.from_config_dict(cfg["model"])
+        load_model_state(model, directory, strict=strict)
+        return model
+
+    # ---------------------------------------------------------------- dual path
+
+    def video_features(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                       keep_index: torch.Tensor | None = None) -> VideoFeatures:
+        enc = self.video
+        slots = enc.check_frames(frames)[0]
+        x, mask = enc.embed(frames, frame_mask, keep_index)
+        lower = None
+        for i, blk in enumerate(enc.blocks):
+            if i == self.video_fuse_start:
+                lower = x
+            x = blk(x, mask, time_slots=slots)
+        tokens = enc.finalize(x)
+        token_mask = mask if mask is not None else tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
+        emb = F.normalize(self.video_proj(enc.pool(tokens, token_mask)), dim=-1)
+        return VideoFeatures(emb, tokens, token_mask, lower, mask if lower is not None else None, slots)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        x = self.text.embed(input_ids)
+        lower = None
+        for i, layer in enumerate(self.text.layers):
+            if i == self.text_fuse_start:
+                lower = x
+            x = layer(x, attention_mask)
+        # mean pooling: what MiniLM's sentence embedding was trained with
+        emb = F.normalize(self.text_proj(masked_mean(x, attention_mask)), dim=-1)
+        return TextFeatures(emb, x, attention_mask, lower)
+
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C, H, W) normalised frames → (B, embed_dim) unit vectors (dual encoder)."""
+        return self.video_features(frames, frame_mask).emb
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids → (B, embed_dim) unit vectors (dual encoder)."""
+        return self.text_features(input_ids, attention_mask).emb
+
+    # ---------------------------------------------------------------- fusion path
+
+    def fuse(self, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
+        """Cross-modal encoding of row-aligned pairs (video[i], text[i])."""
+        kind = self.cfg.fusion.kind
+        if kind == "encoder":
+            t = self.cross(text.tokens, text.attention_mask, video.tokens, video.token_mask)
+            return FusionOutput(text_tokens=t, pooled=t[:, 0])
+        if kind == "backbone":
+            v, t = run_lockstep(self.video.blocks[self.video_fuse_start:], self.text.layers[self.text_fuse_start:],
+                                video.lower, video.lower_mask, text.lower, text.attention_mask,
+                                video.time_slots, fuse=True)
+            v = self.video.finalize(v)
+            v_mask = video.lower_mask if video.lower_mask is not None else v.new_ones(v.shape[:2], dtype=torch.bool)
+            return FusionOutput(text_tokens=t, pooled=torch.cat([self.video.pool(v, v_mask), t[:, 0]], dim=-1))
+        raise ValueError("this model has no fusion (fusion.kind='none'); matching, MLM and QA need one")
+
+    def score_pairs(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """Matching logits (N, 2) for row-aligned pairs; softmax[:, 1] is the match probability."""
+        return self.vtm_head(self.fuse(video, text).pooled)
+
+    def mlm_logits(self, fused_text_tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocabulary logits at the masked positions only (labels != -100): (M, V) and targets (M,).
+        Projecting only the masked ~15% of tokens onto the 30k vocabulary saves most of the head's cost."""
+        pos = labels != -100
+        return self.mlm_head(fused_text_tokens[pos]), labels[pos]
+
+    def answer(self, video: VideoFeatures, question: TextFeatures) -> torch.Tensor:
+        """Open-ended QA logits (B, num_answers) from the fused (video, question) pair."""
+        if self.qa_head is None:
+            raise ValueError("this model has no QA head; fine-tune with task=qa (sets model.num_answers)")
+        return self.qa_head(self.fuse(video, question).pooled)
+
+
+def build_model(cfg: ModelConfig | dict) -> VideoLanguageModel:
+    """Model from a config (dataclass or dict, e.g. a packaged `configs/<name>.yaml`'s `model:`)."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(ModelConfig, cfg, where="model")
+    return VideoLanguageModel(cfg)
