@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -47,8 +46,8 @@ def synth(
 @data_app.command("check")
 def data_check(
     annotation: Path = typer.Argument(..., help="Annotation file (json/csv/tsv)."),
-    videos: Optional[Path] = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Annotation format (default: detected). See `evl data formats`."),
+    videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
+    fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected). See `evl data formats`."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Parse an annotation file, check every referenced video exists and decodes, print a summary."""
@@ -73,7 +72,7 @@ def data_formats() -> None:
 @bench_app.command("model")
 def bench_model(
     config: str = typer.Argument(..., help="Model config: a packaged name (tiny, small, base, tiny-backbone) or a YAML file."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per clip (default: the config's num_frames)."),
+    frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the config's num_frames)."),
     batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes for latency/throughput."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per batch size (after 2 warm-up runs); the median is reported."),
     device: str = typer.Option("cpu", "--device", help="Device for latency/throughput (cpu, cuda)."),

@@ -83,7 +83,7 @@ def run_lockstep(video_blocks: nn.ModuleList, text_layers: nn.ModuleList, v: tor
     if len(video_blocks) != len(text_layers):
         raise ValueError(f"backbone fusion needs the same number of fused layers in both towers; "
                          f"got video {len(video_blocks)} and text {len(text_layers)}")
-    for vb, tl in zip(video_blocks, text_layers):
+    for vb, tl in zip(video_blocks, text_layers, strict=True):
         v_ctx, t_ctx = (t, v) if fuse else (None, None)
         v_next = vb(v, v_mask, context=v_ctx, context_mask=t_mask if fuse else None, time_slots=time_slots)
         t = tl(t, t_mask, context=t_ctx, context_mask=v_mask if fuse else None)

@@ -11,10 +11,18 @@ from torch import nn
 
 
 def attention_mask_from_padding(key_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, Nk) bool/int with 1 = attend → (B, 1, 1, Nk) bool mask that SDPA broadcasts over heads/queries."""
+    """(B, Nk) bool/int with 1 = attend → (B, 1, 1, Nk) bool mask that SDPA broadcasts over heads/queries.
+
+    A row with no valid key at all (e.g. a video whose frames are all padding, or a padded frame in
+    divided space attention) is opened to every key: some SDPA kernels return NaN for a fully masked
+    row, and a NaN in a padded position still poisons masked sums and gradients. That row's output is
+    padding by construction, so what it attends to does not matter.
+    """
     if key_mask is None:
         return None
-    return key_mask.to(torch.bool)[:, None, None, :]
+    mask = key_mask.to(torch.bool)
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask[:, None, None, :]
 
 
 class MultiHeadAttention(nn.Module):

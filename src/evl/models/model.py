@@ -35,7 +35,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         n = self.fusion.num_layers if self.fusion.kind == "backbone" else 0
-        for tower, other, name in ((self.video, self.text, "video"), (self.text, self.video, "text")):
+        for tower, name in ((self.video, "video"), (self.text, "text")):
             if n > tower.num_layers:
                 raise ValueError(f"fusion.num_layers={n} exceeds {name}.num_layers={tower.num_layers}")
         self.video = dataclasses.replace(self.video, fusion_layers=n, context_dim=self.text.hidden_size if n else None)
@@ -52,9 +52,10 @@ class VideoFeatures:
     time_slots: int = 0
 
     def select(self, index: torch.Tensor) -> VideoFeatures:
-        pick = (lambda t: None if t is None else t[index])
-        return VideoFeatures(self.emb[index], self.tokens[index], self.token_mask[index],
-                             pick(self.lower), pick(self.lower_mask), self.time_slots)
+        lower = None if self.lower is None else self.lower[index]
+        lower_mask = None if self.lower_mask is None else self.lower_mask[index]
+        return VideoFeatures(self.emb[index], self.tokens[index], self.token_mask[index], lower, lower_mask,
+                             self.time_slots)
 
 
 @dataclass

@@ -1,0 +1,155 @@
+"""Torch datasets over annotation records, and the collator that turns samples into model batches.
+
+One dataset class serves every task: a sample is the decoded clip of a record plus that record's text
+fields. What the text is (a random caption, the question, the options) is the `text` setting. An
+undecodable video gives `None` (the Trainer's collate drops and counts it; evaluation counts it too),
+so one bad file never stops a run. Decoders are opened inside `__getitem__`, i.e. inside each
+DataLoader worker, never shared across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from evl.data.annotations import Record, read_annotations
+from evl.data.transforms import VideoTransform
+from evl.data.video import load_clip
+from evl.errors import VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+TextMode = Literal["caption", "question", "none"]
+
+
+@dataclass
+class ClipSettings:
+    """How clips are read: frames per clip, square size, sampling (random for training, else uniform)."""
+
+    num_frames: int = 8
+    size: int = 64
+    train: bool = False
+    backend: str = "pyav"
+
+
+class VideoTextDataset(Dataset):
+    """records → {"frames" (T,C,S,S) float, "frame_mask" (T,), "text", "video_name", "record", ...}.
+
+    text="caption": a random caption of the record when training, the first one otherwise;
+    text="question": the record's question; text="none": video only (e.g. to embed a gallery).
+    """
+
+    def __init__(self, records: list[Record], videos_dir: str | Path | None, clip: ClipSettings,
+                 text: TextMode = "caption"):
+        if not records:
+            raise ValueError("the dataset has no records")
+        self.records = records
+        self.videos_dir = Path(videos_dir) if videos_dir is not None else None
+        self.clip = clip
+        self.text = text
+        self.transform = VideoTransform(size=clip.size, train=clip.train)
+
+    @classmethod
+    def from_file(cls, annotation: str | Path, videos_dir: str | Path | None, clip: ClipSettings,
+                  text: TextMode = "caption", fmt: str | None = None) -> VideoTextDataset:
+        from evl.data.check import guess_videos_dir
+
+        records = read_annotations(annotation, fmt)
+        videos_dir = videos_dir if videos_dir is not None else guess_videos_dir(annotation, records)
+        return cls(records, videos_dir, clip, text)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def video_path(self, record: Record) -> Path:
+        p = Path(record.video).expanduser()
+        return p if p.is_absolute() or self.videos_dir is None else self.videos_dir / p
+
+    def load_frames(self, record: Record) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Normalised frames and frame mask, or None (logged) when the video cannot be decoded."""
+        try:
+            clip = load_clip(self.video_path(record), self.clip.num_frames,
+                             "random" if self.clip.train else "uniform", start=record.start, end=record.end,
+                             backend=self.clip.backend)
+        except VideoDecodeError as e:
+            log.warning("skipping %s (%s): %s", record.video, record.source, e.reason)
+            return None
+        return self.transform(clip.frames), clip.frame_mask
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        loaded = self.load_frames(record)
+        if loaded is None:
+            return None
+        frames, mask = loaded
+        sample: dict[str, Any] = {"frames": frames, "frame_mask": mask, "video_name": record.video,
+                                  "index": index}
+        if self.text == "caption":
+            if not record.captions:
+                raise ValueError(f"{record.source}: record has no caption but the task needs one")
+            sample["text"] = random.choice(record.captions) if self.clip.train else record.captions[0]
+        elif self.text == "question":
+            if record.question is None:
+                raise ValueError(f"{record.source}: record has no question but the task needs one")
+            sample["text"] = record.question
+            sample["answer"] = record.answer
+            sample["qtype"] = record.qtype
+        sample["verbs"] = list(record.meta.get("verbs", []))
+        sample["nouns"] = list(record.meta.get("nouns", []))
+        if record.options is not None:
+            sample["options"] = record.options
+            sample["answer_index"] = record.answer_index
+        return sample
+
+
+class Collator:
+    """Stack clips; tokenize texts (padding to the batch's longest); optionally MLM-mask; QA answer ids.
+
+    A class, not a closure, so DataLoader workers can pickle it. `answer_vocab` maps answers to class
+    ids (unknown → -100, ignored by the loss).
+    """
+
+    def __init__(self, tokenizer, max_text_len: int = 32, mlm_prob: float = 0.0, answer_vocab=None):
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+        self.mlm_prob = mlm_prob
+        self.answer_vocab = answer_vocab
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        samples = [s for s in samples if s is not None]
+        batch: dict[str, Any] = {
+            "frames": torch.stack([s["frames"] for s in samples]),
+            "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
+            "video_names": [s["video_name"] for s in samples],
+            "index": torch.tensor([s["index"] for s in samples]),
+            "verbs": [s["verbs"] for s in samples],
+            "nouns": [s["nouns"] for s in samples],
+        }
+        if "text" in samples[0]:
+            tok = self.tokenizer([s["text"] for s in samples], max_length=self.max_text_len)
+            batch["input_ids"], batch["attention_mask"] = tok.input_ids, tok.attention_mask
+            if self.mlm_prob > 0:
+                from evl.data.text import mask_tokens
+
+                masked = mask_tokens(tok.input_ids, tok.attention_mask, self.tokenizer, prob=self.mlm_prob)
+                batch["mlm_input_ids"], batch["mlm_labels"] = masked.input_ids, masked.labels
+        if "answer" in samples[0]:
+            batch["answers"] = [s["answer"] for s in samples]
+            batch["qtypes"] = [s["qtype"] for s in samples]
+            if self.answer_vocab is not None:
+                batch["answer_ids"] = torch.tensor([self.answer_vocab.encode(a) for a in batch["answers"]])
+        if "options" in samples[0]:
+            k = len(samples[0]["options"])
+            if any(len(s["options"]) != k for s in samples):
+                raise ValueError("multiple-choice records in one batch must have the same number of options")
+            tok = self.tokenizer([o for s in samples for o in s["options"]], max_length=self.max_text_len)
+            batch["option_ids"] = tok.input_ids.view(len(samples), k, -1)
+            batch["option_mask"] = tok.attention_mask.view(len(samples), k, -1)
+            batch["answer_index"] = torch.tensor([s["answer_index"] for s in samples])
+        return batch

@@ -1,0 +1,153 @@
+"""Recipes: one YAML file = model + data + objectives + optimisation. `run_recipe` trains and evaluates.
+
+A recipe's `model:` is a packaged model config name (`tiny`), a path to a model YAML, or an inline
+mapping. `key=value` overrides reach any field (`train.lr=1e-4`, `model.video.num_layers=2`); an unknown
+key is an error naming the nearest valid one. `evl pretrain` and `evl finetune` both call `run_recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.data.annotations import read_annotations
+from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
+from evl.errors import ConfigError
+from evl.models.model import ModelConfig, VideoLanguageModel
+from evl.tasks.evaluate import EvalSettings, evaluate_mc, evaluate_qa, evaluate_retrieval
+from evl.tasks.objective import ObjectiveWeights, TrainObjective
+from evl.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+Task = Literal["pretrain", "retrieval", "qa", "mc"]
+
+
+@dataclass
+class DataConfig:
+    """Annotation files (any format `evl data formats` lists) and how clips/texts are read."""
+
+    train: str = ""
+    val: str | None = None
+    test: str | None = None
+    videos: str | None = None          # folder video paths are relative to (default: guessed per file)
+    format: str | None = None
+    num_frames: int | None = None      # default: the model's video.num_frames
+    max_text_len: int = 32
+    mlm_prob: float = 0.15
+    backend: str = "pyav"
+
+
+@dataclass
+class RecipeConfig:
+    task: Task = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded."""
+    data = load_yaml(path) if path is not None else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    model = data.get("model", {})
+    if isinstance(model, str):
+        data["model"] = load_yaml(model)
+    elif isinstance(model, dict) and isinstance(model.get("name"), str):
+        rest = {k: v for k, v in model.items() if k != "name"}
+        data["model"] = deep_merge(load_yaml(model["name"]), rest)
+    return from_dict(RecipeConfig, data, where=str(path) if path is not None else "recipe")
+
+
+def _text_mode(task: str) -> str:
+    return {"pretrain": "caption", "retrieval": "caption", "qa": "question", "mc": "none"}[task]
+
+
+def _weights_for(cfg: RecipeConfig) -> ObjectiveWeights:
+    """The recipe's weights for pre-training/retrieval; QA and MC train their own head loss only."""
+    if cfg.task == "qa":
+        return ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1)
+    if cfg.task == "mc":
+        return ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1)
+    return cfg.objectives
+
+
+def _loss(module, batch):
+    return module(batch)
+
+
+def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool = False,
+               evaluate: bool = True) -> dict:
+    """Train per the recipe, save `out_dir/final` (model + config + answer vocab), evaluate on test.
+
+    `init`: a checkpoint folder (saved by evl) to start from; its architecture wins over the recipe's
+    `model:` section, and a QA head is created fresh when the task needs one.
+    """
+    from evl.data.text import Tokenizer
+    from evl.tasks.qa import AnswerVocab
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: set it to an annotation file (e.g. data.train=runs/x/annotations/pretrain.json)")
+    out_dir = Path(cfg.train.out_dir)
+    tokenizer = Tokenizer.from_pretrained("minilm")
+    if init is not None:
+        model = VideoLanguageModel.from_pretrained(init)
+        cfg.model = model.cfg
+    else:
+        model = VideoLanguageModel(cfg.model)
+    num_frames = cfg.data.num_frames or model.cfg.video.num_frames
+    clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
+    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format)
+    vocab = None
+    if cfg.task == "qa":
+        vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)
+        model.set_num_answers(len(vocab))
+    weights = _weights_for(cfg)
+    mlm_prob = cfg.data.mlm_prob if weights.mlm else 0.0
+    collate = Collator(tokenizer, cfg.data.max_text_len, mlm_prob=mlm_prob, answer_vocab=vocab)
+    trainer = Trainer(TrainObjective(model, weights), _loss, train_ds, cfg.train, collate_fn=collate,
+                      model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)})
+    result = trainer.fit(resume=resume)
+    from evl.distributed import is_main_process
+
+    summary = {"task": cfg.task, "steps": result.steps, "final_losses": result.final_losses,
+               "train_time_s": result.wall_time_s, "skipped_samples": result.skipped_samples,
+               "nonfinite_steps": result.nonfinite_steps}
+    if not is_main_process():
+        return summary
+    final = out_dir / "final"
+    model.save_pretrained(final)
+    if vocab is not None:
+        (final / "answers.json").write_text(vocab.to_json())
+    summary["checkpoint"] = str(final)
+    if evaluate and cfg.data.test:
+        summary["test"] = evaluate_checkpoint_model(model, cfg.task, cfg.data.test, cfg.data.videos, tokenizer,
+                                                    cfg.eval, vocab=vocab, fmt=cfg.data.format,
+                                                    train_records=train_ds.records, num_frames=num_frames)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_checkpoint_model(model: VideoLanguageModel, task: str, annotation: str | Path,
+                              videos: str | Path | None, tokenizer, settings: EvalSettings, vocab=None,
+                              fmt: str | None = None, train_records=None, num_frames: int | None = None) -> dict:
+    """Run the evaluation of `task` ("retrieval"/"pretrain" → retrieval, "qa", "mc") on an annotation file."""
+    from evl.data.check import guess_videos_dir
+
+    records = read_annotations(annotation, fmt)
+    videos = videos if videos is not None else guess_videos_dir(annotation, records)
+    if task in ("retrieval", "pretrain"):
+        return evaluate_retrieval(model, records, videos, tokenizer, settings, num_frames)
+    if task == "qa":
+        if vocab is None:
+            raise ConfigError("QA evaluation needs the answer vocabulary saved beside the checkpoint (answers.json)")
+        return evaluate_qa(model, records, videos, tokenizer, vocab, settings, train_records, num_frames)
+    if task == "mc":
+        return evaluate_mc(model, records, videos, tokenizer, settings, num_frames)
+    raise ConfigError(f"unknown task {task!r}; expected retrieval, qa or mc")

@@ -1,0 +1,416 @@
+"""The Trainer: one training loop for every model and objective in evl.
+
+It is generic on purpose: it trains any `nn.Module` with a `loss_fn(model, batch) -> dict` whose
+"loss" entry is optimised (the other scalar entries are logged), on any map-style torch Dataset.
+The same loop runs in one process and under `torchrun` (DDP, or FSDP2 for large models).
+
+What it guarantees, and how (details in the helper modules):
+
+* the global batch is `batch_size` = per-rank micro-batch x world size x grad_accum, and a 2-rank run
+  sees exactly the samples of a 1-rank run (`train_data.GlobalBatchSampler`); the logged loss is
+  all-reduced, so it is the global-batch loss whatever the number of ranks;
+* `fit(resume=True)` continues exactly: weights, optimizer, RNG and data position are restored from
+  atomic, pickle-free checkpoints (`train_state`), and data-side randomness is seeded per sample;
+* bad samples (None from the dataset) are dropped and counted, never a crash; a non-finite loss or
+  gradient skips the update, names the videos, and stops the run after `max_nonfinite` in a row.
+
+Under torchrun the Trainer joins the process group from the environment and destroys it at the end
+of `fit` — unless the caller created it, in which case it is left open.
+
+`find_unused_parameters` (DDP) defaults to False: it costs a graph traversal every step, and most
+evl models use every parameter every step. Models with conditionally used branches (a fusion
+encoder switched off, a frame prompter bypassed) need `find_unused_parameters=True`; DDP's error
+for that case is re-raised with this advice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from evl.config import to_dict
+from evl.errors import ConfigError, EvlError
+from evl.train_data import CollatedBatch, GlobalBatchSampler, make_train_loader, skip_none_collate
+from evl.train_dist import DistContext, init_distributed, no_sync, unwrap_model, wrap_model
+from evl.train_log import MetricsLogger
+from evl.train_optim import build_param_groups, lr_factor
+from evl.train_state import Progress, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+
+__all__ = [
+    "Callback",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "latest_checkpoint",
+    "skip_none_collate",
+    "unwrap_model",
+]
+
+LossFn = Callable[[nn.Module, Any], dict[str, Any]]
+
+
+class NonFiniteLossError(EvlError):
+    """Training produced NaN/inf losses or gradients `max_nonfinite` steps in a row."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings. `batch_size` is the *global* batch (all ranks, all
+    accumulation micro-steps); it must be divisible by world_size x grad_accum."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float = 1.0  # 0 = no clipping (the norm is still computed and logged)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    lr_mults: dict[str, float] = field(default_factory=dict)  # name substring -> lr multiplier
+    ckpt_every: int = 1000  # 0 = only at the end
+    keep_last: int = 2  # checkpoints kept on disk; 0 = all
+    log_every: int = 10
+    out_dir: str = "runs/train"
+    seed: int = 0
+    num_workers: int = 0
+    max_nonfinite: int = 5
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    find_unused_parameters: bool = False
+    device: str = "auto"  # "auto" = this rank's GPU if there is one, else CPU
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "max_nonfinite", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "keep_last", "num_workers", "lr", "weight_decay",
+                     "clip_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
+
+
+@dataclass
+class TrainResult:
+    """What `fit` did. `history` has one record per optimizer step run by this call."""
+
+    steps: int
+    final_losses: dict[str, float]
+    history: list[dict[str, Any]]
+    skipped_samples: int
+    nonfinite_steps: int
+    wall_time_s: float
+    checkpoint_dir: str | None = None
+
+
+class Callback:
+    """Hooks called on every rank. Subclass and override what you need."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After each optimizer step (and after that step's checkpoint, if one was due)."""
+
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
+        """After a checkpoint directory has been committed."""
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
+        moved = [_to_device(v, device) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+def _scalars(out: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The scalar entries of a loss dict, detached, as float tensors (logged, never optimised)."""
+    res = {}
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            res[k] = v.detach().float().reshape(())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            res[k] = torch.tensor(float(v))
+    return res
+
+
+def _video_names(batch: Any) -> list[str]:
+    names = batch.get("video_names") if isinstance(batch, dict) else None
+    return [str(n) for n in names] if names is not None else []
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        return to_dict(cfg)
+    return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+class Trainer:
+    """Trains `model` on `dataset` with `loss_fn`; see the module docstring for the guarantees.
+
+    `collate_fn` turns a list of samples into a batch (torch's default collate if None); it is wrapped
+    by :func:`skip_none_collate`. `param_groups_fn(model, cfg)` may replace the default AdamW groups
+    (:func:`evl.train_optim.build_param_groups`); each group may carry `lr_mult`. `model_config` is
+    saved as config.json beside the weights (default: `model.config` if it is a dataclass or dict).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 param_groups_fn: Callable[[nn.Module, TrainConfig], list[dict[str, Any]]] | None = None,
+                 callbacks: Sequence[Callback] | None = None, model_config: dict[str, Any] | None = None):
+        if isinstance(dataset, IterableDataset):
+            raise ConfigError("Trainer needs a map-style Dataset (with __len__/__getitem__) so that it can "
+                              "shard, shuffle and resume deterministically; got an IterableDataset")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.dataset = dataset
+        self.cfg = cfg
+        self.collate_fn = collate_fn
+        self.param_groups_fn = param_groups_fn
+        self.callbacks = list(callbacks or [])
+        self.model_config = model_config if model_config is not None else _model_config(model)
+        self.ctx = DistContext()
+        self.wrapped: nn.Module = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.logger: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def _micro_batch(self) -> int:
+        per = self.ctx.world_size * self.cfg.grad_accum
+        if self.cfg.batch_size % per:
+            raise ConfigError(f"train.batch_size={self.cfg.batch_size} must be divisible by world size "
+                              f"x grad_accum = {self.ctx.world_size} x {self.cfg.grad_accum} = {per}")
+        if len(self.dataset) < self.cfg.batch_size:  # type: ignore[arg-type]
+            raise ConfigError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "  # type: ignore[arg-type]
+                              f"(train.batch_size={self.cfg.batch_size}); lower batch_size")
+        return self.cfg.batch_size // per
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.cfg.precision != "bf16":
+            return None
+        dev = self.ctx.device
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            self._warn("bf16 is not supported on this GPU; training in fp32")
+            return None
+        return torch.bfloat16
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.ctx.rank)  # dropout stream; each rank its own
+        random.seed(cfg.seed + self.ctx.rank)
+        np.random.seed((cfg.seed + self.ctx.rank) % 2**32)
+        self.model.train()
+        self.wrapped = wrap_model(self.model, self.ctx, cfg.strategy, cfg.find_unused_parameters)
+        inner = unwrap_model(self.wrapped)
+        groups = (self.param_groups_fn(inner, cfg) if self.param_groups_fn
+                  else build_param_groups(inner, cfg.weight_decay, cfg.lr_mults))
+        for g in groups:
+            g.setdefault("lr_mult", 1.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        self._dtype = self._autocast_dtype()
+
+    def _warn(self, text: str) -> None:
+        if self.ctx.is_main and self.logger is not None:
+            self.logger.message(text)
+        else:
+            prefix = f"[rank {self.ctx.rank}] " if self.ctx.distributed else ""
+            print(prefix + text, file=sys.stderr, flush=True)
+
+    # --------------------------------------------------------------------------------------- fit
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to `cfg.max_steps`. With `resume=True`, continue from `out_dir`'s latest checkpoint
+        (starting from scratch when there is none)."""
+        self.ctx = init_distributed(self.cfg.device)
+        try:
+            return self._fit(resume)
+        except RuntimeError as e:
+            if "find_unused_parameters" in str(e) and not self.cfg.find_unused_parameters:
+                raise EvlError(f"some parameters received no gradient in a step ({e.__class__.__name__}); "
+                               "set train.find_unused_parameters=true for this model") from e
+            raise
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            self.ctx.close()
+
+    def _fit(self, resume: bool) -> TrainResult:
+        cfg = self.cfg
+        micro = self._micro_batch()
+        self._setup()
+        progress = Progress()
+        ckpt = latest_checkpoint(cfg.out_dir) if resume else None
+        if ckpt is not None:
+            progress = load_training_checkpoint(self.ctx, self.wrapped, self.optimizer, ckpt,
+                                                expect={"global_batch": cfg.batch_size})
+        self.logger = MetricsLogger(cfg.out_dir, cfg.max_steps, progress.step, cfg.log_every,
+                                    enabled=self.ctx.is_main)
+        if resume:
+            self._warn(f"resumed from {ckpt} at step {progress.step}" if ckpt
+                       else f"resume: no checkpoint in {cfg.out_dir}; starting from step 0")
+        start_wall = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        last_saved = progress.step if ckpt is not None else -1
+        last_path: str | None = str(ckpt) if ckpt is not None else None
+        while progress.step < cfg.max_steps:
+            sampler = GlobalBatchSampler(len(self.dataset), micro, self.ctx.world_size,  # type: ignore[arg-type]
+                                         self.ctx.rank, cfg.grad_accum, cfg.seed, progress.epoch,
+                                         progress.micro_in_epoch)
+            loader = make_train_loader(self.dataset, self.collate_fn, sampler, cfg.num_workers,
+                                       pin_memory=self.ctx.device.type == "cuda")
+            batches = iter(loader)
+            micro_per_epoch = sampler.steps_per_epoch * cfg.grad_accum
+            epoch = progress.epoch
+            while progress.epoch == epoch and progress.step < cfg.max_steps:
+                t_step = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+                record = self._train_step(micro_batches, progress)
+                progress.step += 1
+                progress.micro_in_epoch += cfg.grad_accum
+                if progress.micro_in_epoch >= micro_per_epoch:
+                    progress.epoch, progress.micro_in_epoch = progress.epoch + 1, 0
+                dt = time.perf_counter() - t_step
+                progress.elapsed_s += dt
+                record.update(step=progress.step, clips_per_s=round(self._last_samples / max(dt, 1e-9), 3),
+                              elapsed_s=round(progress.elapsed_s, 4),
+                              skipped_samples=progress.skipped_samples, nonfinite_steps=progress.nonfinite_steps)
+                history.append(record)
+                self.logger.log(record)
+                if cfg.ckpt_every and progress.step % cfg.ckpt_every == 0:
+                    last_path, last_saved = self._save(progress), progress.step
+                for cb in self.callbacks:
+                    cb.on_step_end(self, record)
+            del batches, loader  # shuts DataLoader workers down before the next epoch's start
+        if last_saved != progress.step:
+            last_path = self._save(progress)
+        final = {k: v for k, v in history[-1].items() if k in self._loss_keys} if history else {}
+        return TrainResult(steps=progress.step, final_losses=final, history=history,
+                           skipped_samples=progress.skipped_samples, nonfinite_steps=progress.nonfinite_steps,
+                           wall_time_s=time.perf_counter() - start_wall, checkpoint_dir=last_path)
+
+    def _save(self, progress: Progress) -> str:
+        meta = {"global_batch": self.cfg.batch_size, "dataset_size": len(self.dataset),  # type: ignore[arg-type]
+                "train_config": to_dict(self.cfg)}
+        path = save_training_checkpoint(self.ctx, self.wrapped, self.optimizer, progress, meta,
+                                        self.model_config, self.cfg.out_dir, self.cfg.keep_last)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, str(path))
+        return str(path)
+
+    # -------------------------------------------------------------------------------------- step
+
+    _loss_keys: tuple[str, ...] = ()
+
+    _last_samples: int = 0
+
+    def _valid_micro_batches(self, micro_batches: list[CollatedBatch], progress: Progress) -> list[Any]:
+        """Batches every rank can use, and the global count of dropped bad samples.
+
+        A micro-step is skipped on all ranks if any rank's batch was entirely bad: one rank skipping a
+        forward/backward alone would leave the others waiting in the gradient all-reduce forever.
+        """
+        flags = [float(b.batch is not None) for b in micro_batches] + [float(sum(b.skipped for b in micro_batches))]
+        reduced = self.ctx.all_reduce_sum(torch.tensor(flags, dtype=torch.float64, device=self.ctx.device)).tolist()
+        skipped = int(reduced[-1])
+        if skipped:
+            progress.skipped_samples += skipped
+            self._warn(f"step {progress.step + 1}: skipped {skipped} undecodable sample(s) "
+                       f"({progress.skipped_samples} so far)")
+        world = self.ctx.world_size
+        self._last_samples = self.cfg.batch_size - skipped
+        return [b.batch for b, ok in zip(micro_batches, reduced[:-1], strict=False) if ok == world]
+
+    def _forward_backward(self, batches: list[Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Accumulate gradients over micro-batches; returns mean scalar losses and bad-batch videos."""
+        sums: dict[str, torch.Tensor] = {}
+        bad_names: list[str] = []
+        for j, batch in enumerate(batches):
+            batch = _to_device(batch, self.ctx.device)
+            with no_sync(self.wrapped, skip_sync=j < len(batches) - 1):
+                with torch.autocast(self.ctx.device.type, dtype=self._dtype or torch.bfloat16,
+                                    enabled=self._dtype is not None):
+                    out = self.loss_fn(self.wrapped, batch)
+                if not isinstance(out, dict) or "loss" not in out:
+                    got = sorted(out) if isinstance(out, dict) else type(out).__name__
+                    raise EvlError(f"loss_fn must return a dict with a 'loss' entry; got {got}")
+                (out["loss"].float() / len(batches)).backward()
+            for k, v in _scalars(out).items():
+                sums[k] = sums.get(k, torch.zeros((), device=v.device)) + v
+            if not torch.isfinite(out["loss"].detach()).all():
+                bad_names += _video_names(batch) or ["<batch without video_names>"]
+        return {k: v / len(batches) for k, v in sums.items()}, bad_names
+
+    def _global_mean(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys = sorted(losses)
+        vec = torch.stack([losses[k].to(self.ctx.device, torch.float64) for k in keys])
+        vec = self.ctx.all_reduce_sum(vec) / self.ctx.world_size
+        return dict(zip(keys, vec.tolist(), strict=True))
+
+    def _grad_norm(self) -> float:
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _train_step(self, micro_batches: list[CollatedBatch], progress: Progress) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's log record."""
+        cfg, opt = self.cfg, self.optimizer
+        assert opt is not None
+        factor = lr_factor(progress.step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        record: dict[str, Any] = {"step": progress.step + 1}
+        batches = self._valid_micro_batches(micro_batches, progress)
+        if not batches:
+            self._warn(f"step {progress.step + 1}: every sample of the batch was bad; step skipped")
+            return {**record, "lr": cfg.lr * factor, "skipped_batch": True}
+        local, bad_names = self._forward_backward(batches)
+        losses = self._global_mean(local)
+        self._loss_keys = tuple(losses)
+        grad_norm = self._grad_norm() if math.isfinite(losses["loss"]) else math.nan
+        if bad_names:
+            self._warn(f"step {progress.step + 1}: non-finite loss on videos {bad_names[:16]}")
+        if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):
+            self._skip_nonfinite(progress, losses["loss"], grad_norm)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * factor * g.get("lr_mult", 1.0)
+            opt.step()
+            progress.consecutive_nonfinite = 0
+        opt.zero_grad(set_to_none=True)
+        record.update(losses, lr=cfg.lr * factor, grad_norm=grad_norm)
+        return record
+
+    def _skip_nonfinite(self, progress: Progress, loss: float, grad_norm: float) -> None:
+        progress.nonfinite_steps += 1
+        progress.consecutive_nonfinite += 1
+        self._warn(f"step {progress.step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+                   f"({progress.consecutive_nonfinite} in a row, limit {self.cfg.max_nonfinite})")
+        if progress.consecutive_nonfinite >= self.cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{progress.consecutive_nonfinite} non-finite steps in a row (last at step {progress.step + 1}, "
+                f"loss {loss}); stopping. Lower train.lr, raise train.warmup_steps, use precision=fp32, "
+                "or check the data (the warnings above name the videos)."
+            )
