@@ -98,17 +98,104 @@ def bench_model(
     typer.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
 
 
+def _train(config: str, overrides: list[str], init: str | None, resume: bool, no_eval: bool) -> None:
+    from evl.recipes import load_recipe, run_recipe
+
+    try:
+        cfg = load_recipe(config, overrides)
+        summary = run_recipe(cfg, init=init, resume=resume, evaluate=not no_eval)
+    except EvlError as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def pretrain(
+    config: str = typer.Argument(..., help="Recipe: packaged name (pretrain-tiny) or YAML file."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100 data.train=x.json"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation on data.test after training."),
+) -> None:
+    """Pre-train with any mix of VTC/EgoNCE/VTM/MLM (weights in the recipe). Works under torchrun."""
+    _train(config, overrides or [], None, resume, no_eval)
+
+
+@app.command()
+def finetune(
+    config: str = typer.Argument(..., help="Recipe: retrieval-tiny, qa-tiny, mc-tiny or a YAML file."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
+    init: Path = typer.Option(..., "--init", help="Checkpoint folder to start from (e.g. runs/pretrain-tiny/final)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation on data.test after training."),
+) -> None:
+    """Fine-tune a checkpoint for retrieval, open-ended QA or multiple choice (the recipe's task)."""
+    if not (init / "config.json").is_file():
+        _fail(EvlError(f"--init {init}: not an evl checkpoint folder (no config.json); "
+                       "pass e.g. runs/pretrain-tiny/final"))
+    _train(config, overrides or [], str(init), resume, no_eval)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (model.safetensors + config.json)."),
+    task: str = typer.Option(..., "--task", help="retrieval, qa or mc."),
+    data: Path = typer.Option(..., "--data", help="Annotation file of the evaluation split."),
+    videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
+    fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),
+    frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the model's)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass."),
+    rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
+) -> None:
+    """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
+    from evl.data.text import Tokenizer
+    from evl.models.model import VideoLanguageModel
+    from evl.recipes import evaluate_checkpoint_model
+    from evl.tasks.evaluate import EvalSettings
+    from evl.tasks.qa import AnswerVocab
+
+    try:
+        if task not in ("retrieval", "qa", "mc"):
+            raise EvlError(f"--task must be retrieval, qa or mc; got {task!r}")
+        if not (checkpoint / "config.json").is_file():
+            raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
+        if not data.is_file():
+            raise EvlError(f"--data {data}: no such annotation file")
+        model = VideoLanguageModel.from_pretrained(checkpoint)
+        vocab = None
+        if task == "qa":
+            vocab_file = checkpoint / "answers.json"
+            if not vocab_file.is_file():
+                raise EvlError(f"{checkpoint} has no answers.json: it was not fine-tuned for QA (task=qa)")
+            vocab = AnswerVocab.from_json(vocab_file.read_text())
+        settings = EvalSettings(batch_size=batch_size, rerank_k=rerank_k, device=device)
+        metrics = evaluate_checkpoint_model(model, task, data, videos, Tokenizer.from_pretrained("minilm"),
+                                            settings, vocab=vocab, fmt=fmt, num_frames=frames)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            typer.echo(f"{k:24s} {v:.2f}" if isinstance(v, float) else f"{k:24s} {v}")
+
+
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder for data, checkpoints and report."),
-    clips: int = typer.Option(300, "--clips", help="SynthVL clips to generate."),
+    clips: int = typer.Option(500, "--clips", help="SynthVL clips to generate."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="Pre-training steps (default: the recipe's)."),
+    retrieval_steps: int | None = typer.Option(None, "--retrieval-steps", help="Retrieval fine-tuning steps."),
+    qa_steps: int | None = typer.Option(None, "--qa-steps", help="QA fine-tuning steps."),
 ) -> None:
-    """The main job: synthesise SynthVL, train the tiny model, evaluate, print one table."""
+    """The main job: synthesise SynthVL, pre-train the tiny model, fine-tune + evaluate retrieval/QA/MC, print one table."""
     from evl.quickstart import run_quickstart
 
     try:
-        run_quickstart(out=out, clips=clips, seed=seed)
+        run_quickstart(out=out, clips=clips, seed=seed, pretrain_steps=pretrain_steps,
+                       retrieval_steps=retrieval_steps, qa_steps=qa_steps)
     except EvlError as e:
         _fail(e)
 

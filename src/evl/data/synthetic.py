@@ -32,10 +32,26 @@ from pathlib import Path
 
 import numpy as np
 
-from evl.data.synth_render import COLOURS, EXTENT, GROW_FACTOR, ROTATION_DEGREES, SHAPES, SHRINK_FACTOR, render_frames
+from evl.data.synth_render import (
+    COLOURS,
+    EXTENT,
+    GROW_FACTOR,
+    ROTATION_DEGREES,
+    SHAPES,
+    SHRINK_FACTOR,
+    render_frames,
+)
 from evl.data.synth_text import (
-    NUMBER_WORDS, VERB_ANSWERS, VERB_PHRASES, VERBS, CaptionStyle, answer_vocabulary, make_captions,
-    make_multiple_choice, make_questions, valid_verbs,
+    NUMBER_WORDS,
+    VERB_ANSWERS,
+    VERB_PHRASES,
+    VERBS,
+    CaptionStyle,
+    answer_vocabulary,
+    make_captions,
+    make_multiple_choice,
+    make_questions,
+    valid_verbs,
 )
 
 GENERATOR_VERSION = "synthvl-1"
@@ -204,7 +220,7 @@ def _place(objs: list[dict], events: list[dict], size: int, rng: np.random.Gener
     does not touch an already placed one (or the least overlapping), so objects stay separable.
     """
     placed: list[np.ndarray] = []
-    for obj, ev in zip(objs, events):
+    for obj, ev in zip(objs, events, strict=True):
         reach = math.ceil(obj["radius"] * (GROW_FACTOR if ev["verb"] == "grow" else 1.0) * EXTENT)
         dx0, dx1, dy0, dy1 = _trajectory_offsets(ev["verb"], ev["amount"])
         xs = _uniform_ints(rng, reach - dx0, size - 1 - reach - dx1, tries, size)
@@ -265,7 +281,7 @@ def plan_clip(cfg: SynthConfig, seed: int, index: int, compositional: bool = Fal
     order = rng.permutation(len(triples))  # which object acts first, second, ...
     windows = _event_windows(len(triples), cfg.frames, cfg.short_event_prob, rng)
     events = [None] * len(triples)
-    for (start, end), j in zip(windows, order):
+    for (start, end), j in zip(windows, order, strict=True):
         c, s, v = triples[int(j)]
         events[int(j)] = {"object": int(j), "verb": v, "noun": s, "colour": c, "start": start, "end": end,
                           "amount": _event_amount(v, s, cfg.size, rng)}
@@ -332,7 +348,7 @@ def build_annotations(clips: list[SynthClip], seed: int, cfg: SynthConfig) -> di
         ann[f"retrieval_{split}.json"].append({"video": video, "caption": list(clip.captions), **extra})
         for q in make_questions(m, _rng(seed, m["index"], _QA)):
             ann[f"qa_{split}.json"].append({"video": video, **q, **extra})
-        styled = list(zip(clip.captions, clip.caption_styles))
+        styled = list(zip(clip.captions, clip.caption_styles, strict=True))
         mc = make_multiple_choice(m, styled, cfg.mc_options, _rng(seed, m["index"], _MC))
         ann[f"mc_{split}.json"].append({"video": video, **mc, **extra})
     ann["clips.json"] = [c.meta for c in clips]
@@ -423,8 +439,10 @@ def encode_videos(metas: list[dict], seed: int, cfg: SynthConfig, videos_dir: Pa
 
     n_chunks = min(len(metas), workers * 4)
     chunks = [(cfg, seed, metas[k::n_chunks], str(videos_dir)) for k in range(n_chunks)]
-    # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork safely
-    with mp.get_context("spawn").Pool(workers) as pool:
+    # fork where available: workers use only numpy + PyAV (never torch, whose threads do not survive
+    # a fork), and unlike spawn it works when the caller's __main__ is not importable (stdin, notebooks)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
         for _ in pool.imap_unordered(_encode_chunk, chunks):
             pass
 

@@ -1,0 +1,167 @@
+"""`evl quickstart`: the main job, end to end on one CPU in ≤ 15 minutes.
+
+SynthVL → check → pre-train tiny (VTC+VTM+MLM) → fine-tune retrieval (VTC+VTM) and QA from the
+pre-trained checkpoint → evaluate retrieval, QA and multiple choice on the held-out test split →
+one table (with chance / majority baselines, params, GFLOPs, training time), `report.json` and a plot
+of the training curves in `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from evl.config import to_dict
+
+
+def _stage(name: str) -> None:
+    print(f"\n== {name} ==", flush=True)
+
+
+def _recipe(name: str, data_dir: Path, out_dir: Path, split_files: tuple[str, str], steps: int | None,
+            extra: list[str] | None = None):
+    from evl.recipes import load_recipe
+
+    ann = data_dir / "annotations"
+    overrides = [f"data.train={ann / split_files[0]}", f"data.test={ann / split_files[1]}",
+                 f"data.videos={data_dir / 'videos'}", f"train.out_dir={out_dir}", "train.precision=bf16"]
+    if steps is not None:
+        overrides.append(f"train.max_steps={steps}")
+    return load_recipe(name, overrides + (extra or []))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(stages: dict[str, Path], out_png: Path) -> None:
+    """One panel per stage: every logged loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
+    for ax, (name, run_dir) in zip(axes[0], stages.items(), strict=True):
+        rows = [r for r in _read_metrics(run_dir / "metrics.jsonl") if "step" in r]
+        keys = sorted({k for r in rows for k in r if k in ("loss", "vtc", "vtm", "mlm", "qa", "mc", "egonce")})
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def format_table(report: dict) -> str:
+    r, q, mc, eff = report["retrieval"], report["qa"], report["mc"], report["efficiency"]
+    lines = ["", "evl quickstart — SynthVL held-out test split (tiny model, CPU)", "-" * 66]
+    lines.append(f"{'text→video':24s} R@1 {r['t2v_r1']:5.1f}   R@5 {r['t2v_r5']:5.1f}   R@10 {r['t2v_r10']:5.1f}   "
+                 f"MdR {r['t2v_medr']:.0f}")
+    lines.append(f"{'  chance':24s} R@1 {r['chance_r1']:5.1f}   R@5 {r['chance_r5']:5.1f}   R@10 {r['chance_r10']:5.1f}")
+    if "rerank_t2v_r1" in r:
+        lines.append(f"{'  + fusion re-rank':24s} R@1 {r['rerank_t2v_r1']:5.1f}   R@5 {r['rerank_t2v_r5']:5.1f}   "
+                     f"R@10 {r['rerank_t2v_r10']:5.1f}   (top-{r['rerank_rerank_k']:.0f})")
+    lines.append(f"{'video→text':24s} R@1 {r['v2t_r1']:5.1f}   R@5 {r['v2t_r5']:5.1f}   R@10 {r['v2t_r10']:5.1f}")
+    base = q.get("baseline", {})
+    lines.append(f"{'QA accuracy (all)':24s} {q['accuracy']:5.1f}   majority answer {base.get('accuracy', float('nan')):5.1f}"
+                 f"   per-type majority {base.get('per_type_majority', {}).get('accuracy', float('nan')):5.1f}")
+    for t, acc in sorted(q["per_type"].items()):
+        maj = base.get("per_type", {}).get(t, float("nan"))
+        lines.append(f"{'  ' + t:24s} {acc:5.1f}   majority answer {maj:5.1f}   (n={q['count_per_type'][t]})")
+    lines.append(f"{'multiple choice (5-way)':24s} {mc['accuracy']:5.1f}   chance {mc['chance']:.1f}")
+    lines.append(f"{'params':24s} {eff['params']['total'] / 1e6:.1f} M (video {eff['params']['video'] / 1e6:.1f}, "
+                 f"text {eff['params']['text'] / 1e6:.1f}, fusion {eff['params']['fusion'] / 1e6:.1f})")
+    lines.append(f"{'GFLOPs / clip':24s} dual {eff['gflops_dual']:.2f}   fusion path {eff['gflops_fusion']:.2f}")
+    t = report["time_s"]
+    lines.append(f"{'time (s)':24s} synth {t['synth']:.0f}   pretrain {t['pretrain']:.0f}   retrieval ft "
+                 f"{t['retrieval']:.0f}   QA ft {t['qa']:.0f}   eval {t['eval']:.0f}   total {t['total']:.0f}")
+    lines.append("-" * 66)
+    return "\n".join(lines)
+
+
+def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: int | None = None,
+                   retrieval_steps: int | None = None, qa_steps: int | None = None) -> dict:
+    from evl.data.check import check_annotations
+    from evl.data.synthetic import write_synthvl
+    from evl.data.text import Tokenizer
+    from evl.efficiency import count_parameters, gflops_per_clip
+    from evl.models.model import VideoLanguageModel
+    from evl.recipes import evaluate_checkpoint_model, run_recipe
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    _stage(f"1/5 synthesise SynthVL ({clips} clips, seed {seed})")
+    t0 = time.perf_counter()
+    data = out / "synthvl"
+    synth = write_synthvl(data, clips=clips, seed=seed, frames=16, size=64)
+    check = check_annotations(data / "annotations" / "retrieval_test.json", videos_dir=data / "videos")
+    print(f"splits {synth['splits']}; test check: {check['records']} records, {check['videos']} videos, "
+          f"{check['missing']} missing, {check['undecodable']} undecodable", flush=True)
+    times["synth"] = time.perf_counter() - t0
+
+    _stage("2/5 pre-train tiny: VTC + VTM + MLM")
+    pre = run_recipe(_recipe("pretrain-tiny", data, out / "pretrain", ("pretrain.json", "retrieval_val.json"),
+                             pretrain_steps), evaluate=False)
+    times["pretrain"] = pre["train_time_s"]
+    init = pre["checkpoint"]
+
+    _stage("3/5 fine-tune retrieval: VTC + VTM")
+    ret = run_recipe(_recipe("retrieval-tiny", data, out / "retrieval", ("retrieval_train.json", "retrieval_test.json"),
+                             retrieval_steps), init=init, evaluate=False)
+    times["retrieval"] = ret["train_time_s"]
+
+    _stage("4/5 fine-tune open-ended QA")
+    qa = run_recipe(_recipe("qa-tiny", data, out / "qa", ("qa_train.json", "qa_test.json"), qa_steps),
+                    init=init, evaluate=False)
+    times["qa"] = qa["train_time_s"]
+
+    _stage("5/5 evaluate on the held-out test split")
+    t0 = time.perf_counter()
+    from evl.data.annotations import read_annotations
+    from evl.tasks.evaluate import EvalSettings
+    from evl.tasks.qa import AnswerVocab
+
+    tok = Tokenizer.from_pretrained("minilm")
+    settings = EvalSettings(batch_size=32, rerank_k=16)
+    ann, videos = data / "annotations", data / "videos"
+    ret_model = VideoLanguageModel.from_pretrained(ret["checkpoint"])
+    retrieval = evaluate_checkpoint_model(ret_model, "retrieval", ann / "retrieval_test.json", videos, tok, settings)
+    mc = evaluate_checkpoint_model(ret_model, "mc", ann / "mc_test.json", videos, tok, settings)
+    qa_model = VideoLanguageModel.from_pretrained(qa["checkpoint"])
+    vocab = AnswerVocab.from_json((Path(qa["checkpoint"]) / "answers.json").read_text())
+    qa_metrics = evaluate_checkpoint_model(qa_model, "qa", ann / "qa_test.json", videos, tok, settings, vocab=vocab,
+                                           train_records=read_annotations(ann / "qa_train.json"))
+    times["eval"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_all
+
+    report = {
+        "data": {"clips": clips, "seed": seed, "splits": synth["splits"]},
+        "retrieval": retrieval, "qa": qa_metrics, "mc": mc,
+        "efficiency": {"params": count_parameters(ret_model), **gflops_per_clip(ret_model, ret_model.cfg.video.num_frames)},
+        "train": {"pretrain": pre["final_losses"], "retrieval": ret["final_losses"], "qa": qa["final_losses"],
+                  "steps": {"pretrain": pre["steps"], "retrieval": ret["steps"], "qa": qa["steps"]}},
+        "model": to_dict(ret_model.cfg),
+        "time_s": times,
+        "checks": {
+            "t2v_r1_over_chance": retrieval["t2v_r1"] / retrieval["chance_r1"],
+            "qa_over_majority": qa_metrics["accuracy"] / max(qa_metrics["baseline"]["accuracy"], 1e-9),
+        },
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_curves({"pre-train": out / "pretrain", "retrieval": out / "retrieval", "QA": out / "qa"},
+                out / "training_curves.png")
+    print(format_table(report))
+    print(f"t2v R@1 = {report['checks']['t2v_r1_over_chance']:.1f}x chance; "
+          f"QA = {report['checks']['qa_over_majority']:.1f}x the majority answer")
+    print(f"wrote {out / 'report.json'} and {out / 'training_curves.png'}")
+    return report

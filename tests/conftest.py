@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random-init model configs (no MiniLM load) and a tiny SynthVL data set."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+
+def tiny_model_dict(kind: str = "encoder", vocab_size: int = 100, num_frames: int = 4) -> dict:
+    """Plain-dict model config (what a YAML `model:` section holds): a few-thousand-parameter model.
+
+    Text dropout is 0 so that forward passes are deterministic in train mode too.
+    """
+    return {
+        "video": {"image_size": 32, "patch_size": 16, "tubelet_size": 2, "num_frames": num_frames,
+                  "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+        "text": {"pretrained": None, "vocab_size": vocab_size, "hidden_size": 32, "num_layers": 2,
+                 "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+                 "dropout": 0.0, "attention_dropout": 0.0},
+        "fusion": {"kind": kind, "num_layers": 1, "num_heads": 2},
+        "embed_dim": 16,
+    }
+
+
+@pytest.fixture
+def tiny_model_config():
+    """Factory: `tiny_model_config(kind="encoder"|"backbone"|"none", vocab_size=100, num_frames=4)` → ModelConfig."""
+    from evl.config import from_dict
+    from evl.models.model import ModelConfig
+
+    def make(kind: str = "encoder", vocab_size: int = 100, num_frames: int = 4) -> ModelConfig:
+        return from_dict(ModelConfig, tiny_model_dict(kind, vocab_size, num_frames), where="model")
+
+    return make
+
+
+@pytest.fixture
+def tiny_model_dict_factory():
+    """Factory returning a fresh (deep-copied) plain-dict tiny model config."""
+    return lambda *a, **k: copy.deepcopy(tiny_model_dict(*a, **k))
+
+
+@pytest.fixture(scope="session")
+def synthvl(tmp_path_factory):
+    """A 12-clip SynthVL set (8 frames of 32x32) written once per session; returns its folder."""
+    from evl.data.synthetic import write_synthvl
+
+    out = tmp_path_factory.mktemp("synthvl")
+    write_synthvl(out, clips=12, seed=0, frames=8, size=32)
+    return out
