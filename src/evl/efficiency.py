@@ -44,12 +44,16 @@ def dummy_inputs(model: VideoLanguageModel, batch: int, frames: int, text_len: i
     cfg = model.cfg
     s = cfg.video.image_size
     clips = torch.randn(batch, frames, cfg.video.in_channels, s, s, device=device)
-    ids = torch.randint(1000, 2000, (batch, text_len), device=device)
+    ids = torch.randint(0, cfg.text.vocab_size, (batch, text_len), device=device)
     return clips, ids, torch.ones_like(ids)
 
 
 def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of `fn()`. SDPA is forced onto its math path while counting: the CPU flash kernel is not
+    registered with the FLOP counter and would count attention as 0 (the math path counts 4·N²·D)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 

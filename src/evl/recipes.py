@@ -54,15 +54,22 @@ class RecipeConfig:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded."""
-    data = load_yaml(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
+    data = _expand_model(load_yaml(path) if path is not None else {})
+    # expand `model: name` before *and* after merging, so `model.video.num_layers=2` refines the named
+    # model and `model=small` replaces it
+    data = _expand_model(deep_merge(data, parse_overrides(overrides or [])))
+    return from_dict(RecipeConfig, data, where=str(path) if path is not None else "recipe")
+
+
+def _expand_model(data: dict) -> dict:
+    """`model: tiny` or `model: {name: tiny, ...}` → the packaged model config's mapping (+ the rest)."""
     model = data.get("model", {})
     if isinstance(model, str):
         data["model"] = load_yaml(model)
     elif isinstance(model, dict) and isinstance(model.get("name"), str):
         rest = {k: v for k, v in model.items() if k != "name"}
         data["model"] = deep_merge(load_yaml(model["name"]), rest)
-    return from_dict(RecipeConfig, data, where=str(path) if path is not None else "recipe")
+    return data
 
 
 def _text_mode(task: str) -> str:
@@ -101,6 +108,10 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
         cfg.model = model.cfg
     else:
         model = VideoLanguageModel(cfg.model)
+    if model.cfg.text.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.text.vocab_size={model.cfg.text.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer.vocab_size}, the packaged MiniLM/BERT-uncased vocab); "
+                          f"set model.text.vocab_size={tokenizer.vocab_size}")
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
     clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
     train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format)
