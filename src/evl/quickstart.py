@@ -66,8 +66,10 @@ def format_table(report: dict) -> str:
                  f"MdR {r['t2v_medr']:.0f}")
     lines.append(f"{'  chance':24s} R@1 {r['chance_r1']:5.1f}   R@5 {r['chance_r5']:5.1f}   R@10 {r['chance_r10']:5.1f}")
     if "rerank_t2v_r1" in r:
-        lines.append(f"{'  + fusion re-rank':24s} R@1 {r['rerank_t2v_r1']:5.1f}   R@5 {r['rerank_t2v_r5']:5.1f}   "
+        lines.append(f"{'  re-rank: fusion score':24s} R@1 {r['rerank_t2v_r1']:5.1f}   R@5 {r['rerank_t2v_r5']:5.1f}   "
                      f"R@10 {r['rerank_t2v_r10']:5.1f}   (top-{r['rerank_rerank_k']:.0f})")
+        lines.append(f"{'  re-rank: dual + fusion':24s} R@1 {r['ensemble_t2v_r1']:5.1f}   R@5 {r['ensemble_t2v_r5']:5.1f}   "
+                     f"R@10 {r['ensemble_t2v_r10']:5.1f}")
     lines.append(f"{'video→text':24s} R@1 {r['v2t_r1']:5.1f}   R@5 {r['v2t_r5']:5.1f}   R@10 {r['v2t_r10']:5.1f}")
     base = q.get("baseline", {})
     lines.append(f"{'QA accuracy (all)':24s} {q['accuracy']:5.1f}   majority answer {base.get('accuracy', float('nan')):5.1f}"

@@ -117,14 +117,34 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
                chance_r10=chance_recall(len(names), 10))
     k = min(s.rerank_k, len(names))
     if k > 0 and model.cfg.fusion.kind != "none":
-        _, top = similarity_topk(text.emb, video.emb, k)
+        out.update(_rerank(model, video, text, t2v, k, s.batch_size))
+    return out
 
-        def score_fn(ti: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-            logits = model.score_pairs(video.select(vi), text.select(ti))
-            return logits[:, 1] - logits[:, 0]
 
-        fused = rerank_t2v(top, score_fn, t2v, batch_size=max(s.batch_size, 1) * 4, ties="pessimistic")
-        out.update({f"rerank_{key}": v for key, v in fused.items()})
+def _rerank(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures, t2v: torch.Tensor, k: int,
+            batch_size: int) -> dict:
+    """Fusion re-ranking of each caption's dual top-k, two ways: by the matching log-odds alone
+    (`rerank_*`) and by dual logit + matching log-odds (`ensemble_*`, EgoVLPv2's multiple-choice rule).
+    The fusion encoder scores each of the Nt·k shortlisted pairs once; both rankings reuse the scores."""
+    dual_top, top = similarity_topk(text.emb, video.emb, k)
+    flat_t = torch.arange(top.shape[0]).repeat_interleave(k)
+    flat_v = top.reshape(-1)
+    log_odds = []
+    for i in range(0, flat_t.numel(), batch_size * 4):
+        logits = model.score_pairs(video.select(flat_v[i:i + batch_size * 4]), text.select(flat_t[i:i + batch_size * 4]))
+        log_odds.append((logits[:, 1] - logits[:, 0]).float())
+    fused = torch.cat(log_odds).view(-1, k)
+    ensemble = fused + dual_top.float() * model.logit_scale().float()
+    out = {}
+    for prefix, table in (("rerank", fused), ("ensemble", ensemble)):
+
+        def score_fn(ti: torch.Tensor, vi: torch.Tensor, table=table) -> torch.Tensor:
+            # look the pair's precomputed score up: its column is where `vi` sits in text ti's top-k
+            cols = (top[ti] == vi[:, None]).float().argmax(dim=1)
+            return table[ti, cols]
+
+        metrics = rerank_t2v(top, score_fn, t2v, batch_size=batch_size * 4, ties="pessimistic")
+        out.update({f"{prefix}_{key}": v for key, v in metrics.items()})
     return out
 
 
