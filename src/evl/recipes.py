@@ -103,6 +103,11 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
         raise ConfigError("data.train is empty: set it to an annotation file (e.g. data.train=runs/x/annotations/pretrain.json)")
     out_dir = Path(cfg.train.out_dir)
     tokenizer = Tokenizer.from_pretrained("minilm")
+    # seed before building: every rank (and a 1-process run) starts from the same initial weights,
+    # and a run is reproducible from its recipe alone
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
     if init is not None:
         model = VideoLanguageModel.from_pretrained(init)
         cfg.model = model.cfg
