@@ -203,3 +203,36 @@ def test_retrieval_eval_does_not_depend_on_batch_size(synthvl, tiny_model_dict_f
                  for b in (64, 2))
     assert one["num_videos"] == 9 and one["rerank_rerank_k"] == 4
     assert one == pytest.approx(many)
+
+
+def test_unused_parameters_are_exactly_those_without_gradient(tiny_model_dict_factory):
+    """freeze_unused must freeze what an objective mix leaves without gradient, and nothing else:
+    DDP stalls on a trainable parameter that gets no gradient, and freezing a used one stops learning."""
+    import torch
+
+    from evl.models.model import build_model
+    from evl.recipes import unused_parameter
+    from evl.tasks.objective import ObjectiveWeights, TrainObjective
+
+    for kind in ("encoder", "backbone"):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_dict_factory(kind, vocab_size=100))
+        model.set_num_answers(3)
+        b, t, length = 4, 4, 8
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, 100, (b, length), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, 1] = ids[:, 1]
+        batch = {"frames": torch.randn(b, t, 3, 32, 32, generator=g), "frame_mask": torch.ones(b, t, dtype=torch.bool),
+                 "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": labels,
+                 "answer_ids": torch.tensor([0, 1, 2, 0]), "verbs": [[]] * b, "nouns": [[]] * b,
+                 "option_ids": ids[:, None].expand(b, 2, length), "option_mask": torch.ones(b, 2, length, dtype=torch.long),
+                 "answer_index": torch.tensor([0, 1, 0, 1])}
+        mixes = [ObjectiveWeights(vtc=1, vtm=0, mlm=0), ObjectiveWeights(vtc=1, vtm=1, mlm=0),
+                 ObjectiveWeights(), ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1),
+                 ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1)]
+        for w in mixes:
+            model.zero_grad(set_to_none=True)
+            TrainObjective(model, w)(batch)["loss"].backward()
+            for name, p in model.named_parameters():
+                assert (p.grad is None) == unused_parameter(name, w), (kind, w, name)

@@ -31,10 +31,9 @@ def _write_recipe(path: Path, synthvl: Path, out_dir: Path, model: dict) -> Path
         # micro-batch (seeded by its first sample), so both legitimately differ between world sizes.
         "objectives": {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0},
         "train": {"max_steps": 4, "batch_size": 8, "log_every": 1, "ckpt_every": 0, "out_dir": str(out_dir),
-                  "seed": 0, "lr": 1e-3, "precision": "fp32", "num_workers": 0,
-                  # with VTM and MLM off the fusion encoder and the ITM/MLM heads get no gradient, which
-                  # DDP rejects unless told to look for unused parameters
-                  "find_unused_parameters": True},
+                  # no find_unused_parameters: with VTM and MLM off, run_recipe freezes the fusion encoder
+                  # and the VTM/MLM heads, which would otherwise stall DDP's gradient reduction
+                  "seed": 0, "lr": 1e-3, "precision": "fp32", "num_workers": 0},
     }
     path.write_text(yaml.safe_dump(recipe))
     return path

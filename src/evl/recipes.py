@@ -127,6 +127,9 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     weights = _weights_for(cfg)
     mlm_prob = cfg.data.mlm_prob if weights.mlm else 0.0
     collate = Collator(tokenizer, cfg.data.max_text_len, mlm_prob=mlm_prob, answer_vocab=vocab)
+    frozen = freeze_unused(model, weights)
+    if frozen:
+        log.info("objectives %s do not use %d parameter tensors; frozen for this run", weights, frozen)
     trainer = Trainer(TrainObjective(model, weights), _loss, train_ds, cfg.train, collate_fn=collate,
                       model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)})
     result = trainer.fit(resume=resume)
@@ -148,6 +151,36 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
                                                     train_records=train_ds.records, num_frames=num_frames)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def unused_parameter(name: str, w: ObjectiveWeights) -> bool:
+    """True when no enabled objective sends a gradient to parameter `name`.
+
+    DDP waits for a gradient for every trainable parameter; one that never gets one (e.g. the MLM head
+    in retrieval fine-tuning) stalls the reduction, so such parameters are frozen instead.
+    """
+    fusion = w.vtm or w.mlm or w.qa or w.mc
+    if name.startswith("cross.") or ".cross." in name or ".xattn." in name:
+        return not fusion
+    if name.startswith("mlm_head."):
+        return not w.mlm
+    if name.startswith("vtm_head."):
+        return not (w.vtm or w.mc)
+    if name.startswith("qa_head."):
+        return not w.qa
+    if name.startswith(("video_proj.", "text_proj.", "logit_scale.")):
+        return not (w.vtc or w.egonce or w.mc)
+    return False
+
+
+def freeze_unused(model: VideoLanguageModel, w: ObjectiveWeights) -> int:
+    """Set requires_grad=False on the parameters the objectives do not train; returns how many."""
+    n = 0
+    for name, p in model.named_parameters():
+        if unused_parameter(name, w):
+            p.requires_grad_(False)
+            n += 1
+    return n
 
 
 def evaluate_checkpoint_model(model: VideoLanguageModel, task: str, annotation: str | Path,

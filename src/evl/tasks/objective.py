@@ -125,7 +125,7 @@ def multiple_choice_scores(model: VideoLanguageModel, frames: torch.Tensor, fram
     matching log-odds of each (video, option) pair — EgoVLPv2's dual+fusion ensemble."""
     b, k, length = option_ids.shape
     video = model.video_features(frames, frame_mask)
-    text = model.text_features(option_ids.view(b * k, length), option_mask.view(b * k, length))
+    text = model.text_features(option_ids.reshape(b * k, length), option_mask.reshape(b * k, length))
     rows = torch.arange(b, device=frames.device).repeat_interleave(k)
     dual = (video.emb[rows] * text.emb).sum(-1) * model.logit_scale()
     if model.cfg.fusion.kind == "none":
