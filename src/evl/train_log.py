@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.max_steps = max_steps
+        self.start_step = start_step
+        self._t0 = time.monotonic()
         self.path = Path(out_dir) / "metrics.jsonl"
         self._bar = None
         self._task = None
@@ -105,7 +108,15 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._bar is None:
             shown = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
-            print(f"step {step}/{self.max_steps}  {shown}", flush=True)
+            print(f"step {step}/{self.max_steps}  {shown}  eta {self.eta(step)}", flush=True)
+
+    def eta(self, step: int) -> str:
+        """Remaining time at this logger's average pace so far, as m:ss."""
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        left = (time.monotonic() - self._t0) / done * (self.max_steps - step)
+        return f"{int(left // 60)}:{int(left % 60):02d}"
 
     def close(self) -> None:
         if self._bar is not None:
