@@ -77,6 +77,10 @@ def format_table(report: dict) -> str:
     for t, acc in sorted(q["per_type"].items()):
         maj = base.get("per_type", {}).get(t, float("nan"))
         lines.append(f"{'  ' + t:24s} {acc:5.1f}   majority answer {maj:5.1f}   (n={q['count_per_type'][t]})")
+    for name, c in report.get("compositional", {}).items():
+        label = "held-out combinations" if name == "held_out" else "seen combinations"
+        lines.append(f"{'  ' + label:24s} t2v R@1 {c['t2v_r1']:5.1f} (chance {c['chance_r1']:.1f}, "
+                     f"{c['videos']} videos)   QA {c['qa_accuracy']:5.1f}")
     lines.append(f"{'multiple choice (5-way)':24s} {mc['accuracy']:5.1f}   chance {mc['chance']:.1f}")
     lines.append(f"{'params':24s} {eff['params']['total'] / 1e6:.1f} M (video {eff['params']['video'] / 1e6:.1f}, "
                  f"text {eff['params']['text'] / 1e6:.1f}, fusion {eff['params']['fusion'] / 1e6:.1f})")
@@ -86,6 +90,28 @@ def format_table(report: dict) -> str:
                  f"{t['retrieval']:.0f}   QA ft {t['qa']:.0f}   eval {t['eval']:.0f}   total {t['total']:.0f}")
     lines.append("-" * 66)
     return "\n".join(lines)
+
+
+def compositional_breakdown(ret_model, qa_model, vocab, ann: Path, videos: Path, tok) -> dict:
+    """Retrieval and QA on test clips with colour×shape×verb combinations never seen in training
+    ("held_out") vs the other test clips ("seen"), each subset ranked against its own gallery."""
+    from evl.data.annotations import read_annotations
+    from evl.tasks.evaluate import EvalSettings, evaluate_qa, evaluate_retrieval
+
+    settings = EvalSettings(batch_size=32, rerank_k=0)
+    out: dict[str, dict] = {}
+    ret = read_annotations(ann / "retrieval_test.json")
+    qa = read_annotations(ann / "qa_test.json")
+    for name, flag in (("held_out", True), ("seen", False)):
+        r_sub = [r for r in ret if bool(r.meta.get("compositional")) == flag]
+        q_sub = [r for r in qa if bool(r.meta.get("compositional")) == flag]
+        if not r_sub or not q_sub:
+            continue
+        m = evaluate_retrieval(ret_model, r_sub, videos, tok, settings)
+        q = evaluate_qa(qa_model, q_sub, videos, tok, vocab, settings)
+        out[name] = {"videos": m["num_videos"], "t2v_r1": m["t2v_r1"], "chance_r1": m["chance_r1"],
+                     "qa_accuracy": q["accuracy"], "qa_count": q["count"]}
+    return out
 
 
 def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: int | None = None,
@@ -143,6 +169,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     vocab = AnswerVocab.from_json((Path(qa["checkpoint"]) / "answers.json").read_text())
     qa_metrics = evaluate_checkpoint_model(qa_model, "qa", ann / "qa_test.json", videos, tok, settings, vocab=vocab,
                                            train_records=read_annotations(ann / "qa_train.json"))
+    compositional = compositional_breakdown(ret_model, qa_model, vocab, ann, videos, tok)
     times["eval"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
 
@@ -152,6 +179,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
         "efficiency": {"params": count_parameters(ret_model), **gflops_per_clip(ret_model, ret_model.cfg.video.num_frames)},
         "train": {"pretrain": pre["final_losses"], "retrieval": ret["final_losses"], "qa": qa["final_losses"],
                   "steps": {"pretrain": pre["steps"], "retrieval": ret["steps"], "qa": qa["steps"]}},
+        "compositional": compositional,
         "model": to_dict(ret_model.cfg),
         "time_s": times,
         "checks": {
