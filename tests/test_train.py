@@ -143,7 +143,7 @@ def test_checkpoint_contents_are_pickle_free_and_loadable(tmp_path):
 
 def test_resume_with_other_global_batch_is_refused(tmp_path):
     Trainer(make_model(), loss_fn, NoisyData(), cfg_for(tmp_path, max_steps=5), collate_fn=collate).fit()
-    with pytest.raises(CheckpointError, match="global_batch=8"):
+    with pytest.raises(CheckpointError, match="train.batch_size=8"):
         Trainer(make_model(), loss_fn, NoisyData(), cfg_for(tmp_path, batch_size=4, grad_accum=1),
                 collate_fn=collate).fit(resume=True)
 
