@@ -119,7 +119,8 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
                           f"set model.text.vocab_size={tokenizer.vocab_size}")
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
     clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
-    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format)
+    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format,
+                                          replace_bad=8)
     vocab = None
     if cfg.task == "qa":
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)

@@ -52,7 +52,10 @@ class _SkipNoneCollate:
 
     def __call__(self, samples: list[Any]) -> CollatedBatch:
         kept = [s for s in samples if s is not None]
-        return CollatedBatch(self.inner(kept) if kept else None, len(samples) - len(kept))
+        # a dataset may replace a bad sample by a good one (keeping batch sizes equal across ranks)
+        # and mark it with "replaced_bad": those count as skipped too
+        replaced = sum(int(s.get("replaced_bad", 0)) for s in kept if isinstance(s, dict))
+        return CollatedBatch(self.inner(kept) if kept else None, len(samples) - len(kept) + replaced)
 
 
 def skip_none_collate(collate_fn: Callable[[list[Any]], Any] | None = None

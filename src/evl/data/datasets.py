@@ -38,6 +38,13 @@ class ClipSettings:
     backend: str = "pyav"
 
 
+def clip_key(record: Record) -> str:
+    """Identity of the clip a record shows: the file plus its time window (clip-level annotations)."""
+    if record.start is None and record.end is None:
+        return record.video
+    return f"{record.video}@{record.start}-{record.end}"
+
+
 class VideoTextDataset(Dataset):
     """records → {"frames" (T,C,S,S) float, "frame_mask" (T,), "text", "video_name", "record", ...}.
 
@@ -46,9 +53,10 @@ class VideoTextDataset(Dataset):
     """
 
     def __init__(self, records: list[Record], videos_dir: str | Path | None, clip: ClipSettings,
-                 text: TextMode = "caption"):
+                 text: TextMode = "caption", replace_bad: int = 0):
         if not records:
             raise ValueError("the dataset has no records")
+        self.replace_bad = replace_bad
         self.records = records
         self.videos_dir = Path(videos_dir) if videos_dir is not None else None
         self.clip = clip
@@ -57,12 +65,12 @@ class VideoTextDataset(Dataset):
 
     @classmethod
     def from_file(cls, annotation: str | Path, videos_dir: str | Path | None, clip: ClipSettings,
-                  text: TextMode = "caption", fmt: str | None = None) -> VideoTextDataset:
+                  text: TextMode = "caption", fmt: str | None = None, replace_bad: int = 0) -> VideoTextDataset:
         from evl.data.check import guess_videos_dir
 
         records = read_annotations(annotation, fmt)
         videos_dir = videos_dir if videos_dir is not None else guess_videos_dir(annotation, records)
-        return cls(records, videos_dir, clip, text)
+        return cls(records, videos_dir, clip, text, replace_bad)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,13 +91,25 @@ class VideoTextDataset(Dataset):
         return self.transform(clip.frames), clip.frame_mask
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """The sample, or None when its video is bad. With `replace_bad=N` (training) a bad sample is
+        replaced by the next decodable record (up to N tries), marked `replaced_bad`: every rank then
+        keeps its micro-batch size, which contrastive gathering and hard-negative mining need."""
+        for offset in range(1 + self.replace_bad):
+            # jump by a large prime: neighbouring records often name the same (bad) video
+            sample = self._sample((index + offset * 7919) % len(self.records))
+            if sample is not None:
+                sample["replaced_bad"] = int(offset > 0)
+                return sample
+        return None
+
+    def _sample(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
         loaded = self.load_frames(record)
         if loaded is None:
             return None
         frames, mask = loaded
         sample: dict[str, Any] = {"frames": frames, "frame_mask": mask, "video_name": record.video,
-                                  "index": index}
+                                  "clip_key": clip_key(record), "index": index}
         if self.text == "caption":
             if not record.captions:
                 raise ValueError(f"{record.source}: record has no caption but the task needs one")
@@ -127,6 +147,7 @@ class Collator:
             "frames": torch.stack([s["frames"] for s in samples]),
             "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
             "video_names": [s["video_name"] for s in samples],
+            "clip_keys": [s["clip_key"] for s in samples],
             "index": torch.tensor([s["index"] for s in samples]),
             "verbs": [s["verbs"] for s in samples],
             "nouns": [s["nouns"] for s in samples],

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from evl.data.annotations import Record
-from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
+from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key
 from evl.models.model import TextFeatures, VideoFeatures, VideoLanguageModel
 from evl.tasks.objective import multiple_choice_scores
 from evl.tasks.qa import AnswerVocab, majority_baseline, qa_accuracy
@@ -82,9 +82,9 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
     model.eval().to(s.device)
     by_video: dict[str, list[str]] = {}
     first: dict[str, Record] = {}
-    for r in records:
-        by_video.setdefault(r.video, []).extend(r.captions)
-        first.setdefault(r.video, r)
+    for r in records:   # one gallery item per clip: a video file with several windows gives several
+        by_video.setdefault(clip_key(r), []).extend(r.captions)
+        first.setdefault(clip_key(r), r)
     video_records = list(first.values())
     ds = VideoTextDataset(video_records, videos_dir, clip_settings_for(model, num_frames), text="none")
     feats, names, skipped = [], [], 0
@@ -94,7 +94,7 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
             continue
         batch = _to(batch, s.device)
         feats.append(model.video_features(batch["frames"], batch["frame_mask"]))
-        names.extend(batch["video_names"])
+        names.extend(batch["clip_keys"])
     if not feats:
         raise ValueError("no video of the retrieval set could be decoded; run `evl data check` on the annotation")
     video = _cat_features(feats, VideoFeatures)

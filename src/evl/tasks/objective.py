@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evl.distributed import all_gather_object
+from evl.distributed import all_gather_object, get_rank
 from evl.models.model import VideoLanguageModel
 from evl.objectives import (
     build_vtm_pairs,
@@ -23,7 +23,6 @@ from evl.objectives import (
     mlm_loss,
     qa_loss,
     sample_hard_negatives,
-    vtc_loss,
     vtm_loss,
 )
 
@@ -69,15 +68,18 @@ class TrainObjective(nn.Module):
         text = m.text_features(batch["input_ids"], batch["attention_mask"])
         scale = m.logit_scale()
         out: dict[str, torch.Tensor] = {}
-        positives = None
-        if w.egonce or w.vtm:
-            positives = self._egonce_mask(batch, video.emb.device)
+        same_clip, tags = self._positive_masks(batch, video.emb.device, with_tags=bool(w.egonce))
         if w.vtc:
-            out["vtc"] = vtc_loss(video.emb, text.emb, scale)
+            # captions of the same clip in one batch are positives, not negatives (multi-positive
+            # InfoNCE; identical to plain VTC when every clip appears once)
+            out["vtc"] = egonce_loss(video.emb, text.emb, scale, positive_mask=same_clip)
         if w.egonce:
-            out["egonce"] = egonce_loss(video.emb, text.emb, scale, positive_mask=positives)
+            out["egonce"] = egonce_loss(video.emb, text.emb, scale, positive_mask=same_clip | tags)
         if w.vtm:
-            out["vtm"] = self._vtm(video, text, scale, self._local(positives, video.emb.shape[0]))
+            # hard negatives exclude the same clip, and the EgoNCE positives only when EgoNCE is on:
+            # otherwise pairs sharing a verb and a noun are exactly the hard negatives VTM should see
+            excluded = same_clip | tags if w.egonce else same_clip
+            out["vtm"] = self._vtm(video, text, scale, self._local(excluded, video.emb.shape[0]))
         if w.mlm:
             masked = m.text_features(batch["mlm_input_ids"], batch["attention_mask"])
             logits, targets = m.mlm_logits(m.fuse(video, masked).text_tokens, batch["mlm_labels"])
@@ -86,22 +88,26 @@ class TrainObjective(nn.Module):
         return {"loss": total, **{k: v.detach() for k, v in out.items()}, "temperature": (1 / scale).detach()}
 
     @staticmethod
-    def _egonce_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
-        """Global-batch mask of pairs sharing a verb and a noun; None when the data has no such tags."""
-        verbs, nouns = batch.get("verbs"), batch.get("nouns")
-        if not verbs or not any(verbs):
-            return None
-        verbs = [v for part in all_gather_object(verbs) for v in part]
-        nouns = [n for part in all_gather_object(nouns) for n in part]
-        return egonce_positive_mask(verbs, nouns).to(device)
+    def _positive_masks(batch: dict, device: torch.device, with_tags: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global-batch (W·B, W·B) masks: pairs from the same clip, and pairs sharing a verb and a noun
+        (EgoNCE; all False when not asked for or the data has no tags). Every rank runs the same
+        collectives every step, so no rank can wait on one that skipped them."""
+        b = batch["frames"].shape[0]
+        keys = batch.get("clip_keys") or batch.get("video_names") or [f"{get_rank()}:{i}" for i in range(b)]
+        keys = [k for part in all_gather_object(list(keys)) for k in part]
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool, device=device)
+        tags = torch.zeros_like(same)
+        if with_tags:
+            verbs = [v for part in all_gather_object(batch.get("verbs") or [[]] * b) for v in part]
+            nouns = [n for part in all_gather_object(batch.get("nouns") or [[]] * b) for n in part]
+            tags = egonce_positive_mask(verbs, nouns).to(device)
+        return same, tags
 
     @staticmethod
     def _local(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
         """This rank's (B, B) block of a global positive mask (hard negatives are mined per rank)."""
         if mask is None:
             return None
-        from evl.distributed import get_rank
-
         r = get_rank()
         return mask[r * b:(r + 1) * b, r * b:(r + 1) * b]
 
