@@ -230,9 +230,10 @@ def test_unused_parameters_are_exactly_those_without_gradient(tiny_model_dict_fa
                  "answer_index": torch.tensor([0, 1, 0, 1])}
         mixes = [ObjectiveWeights(vtc=1, vtm=0, mlm=0), ObjectiveWeights(vtc=1, vtm=1, mlm=0),
                  ObjectiveWeights(), ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1),
-                 ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1)]
+                 ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1), ObjectiveWeights(vtc=0, vtm=0, mlm=1),
+                 ObjectiveWeights(vtc=0, vtm=1, mlm=0), ObjectiveWeights(vtc=0, vtm=0, mlm=0, egonce=1)]
         for w in mixes:
             model.zero_grad(set_to_none=True)
             TrainObjective(model, w)(batch)["loss"].backward()
             for name, p in model.named_parameters():
-                assert (p.grad is None) == unused_parameter(name, w), (kind, w, name)
+                assert (p.grad is None) == unused_parameter(name, w, model.cfg), (kind, w, name)

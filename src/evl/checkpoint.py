@@ -244,11 +244,14 @@ class LoadReport:
         return "; ".join(parts) if parts else "all keys matched"
 
 
-def load_model_state(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+def load_model_state(model: nn.Module, path: str | Path, strict: bool = True,
+                     strip_prefix: str | None = None) -> LoadReport:
     """Load weights from a safetensors file (or a directory holding `model.safetensors`) into `model`.
 
     Strict by default, because a silently half-loaded model trains or evaluates as garbage without any
     error: missing keys, unexpected keys and shape mismatches raise CheckpointError listing them.
+    `strip_prefix`: when every key starts with it, it is removed first (Trainer checkpoints of a
+    wrapper module, e.g. evl's training objective, store the model under "model.").
     With `strict=False` every matching tensor is loaded and the rest is logged and returned in the
     report (useful when starting a fine-tuning head from a pre-trained backbone).
     Load before wrapping the model in DDP/FSDP: a sharded model's keys hold DTensors.
@@ -257,6 +260,9 @@ def load_model_state(model: nn.Module, path: str | Path, strict: bool = True) ->
     if path.is_dir():
         path = path / MODEL_FILE
     ckpt = load_tensors(path)
+    if strip_prefix and ckpt and all(k.startswith(strip_prefix) for k in ckpt):
+        # e.g. a Trainer checkpoint of a wrapper module whose weights sit under "model."
+        ckpt = {k[len(strip_prefix):]: v for k, v in ckpt.items()}
     own = model.state_dict()
     report = LoadReport(path=str(path))
     report.missing_keys = [k for k in own if k not in ckpt]

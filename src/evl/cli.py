@@ -104,7 +104,7 @@ def _train(config: str, overrides: list[str], init: str | None, resume: bool, no
     try:
         cfg = load_recipe(config, overrides)
         summary = run_recipe(cfg, init=init, resume=resume, evaluate=not no_eval)
-    except EvlError as e:
+    except (EvlError, ValueError) as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -145,13 +145,15 @@ def evaluate(
     frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the model's)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass."),
     rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if available), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
+    import torch
+
     from evl.data.text import Tokenizer
     from evl.models.model import VideoLanguageModel
-    from evl.recipes import evaluate_checkpoint_model
+    from evl.recipes import evaluate_checkpoint_model, find_answer_vocab
     from evl.tasks.evaluate import EvalSettings
     from evl.tasks.qa import AnswerVocab
 
@@ -162,12 +164,15 @@ def evaluate(
             raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
         if not data.is_file():
             raise EvlError(f"--data {data}: no such annotation file")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EvlError(f"--device {device}: CUDA is not available in this torch build/machine; use --device cpu")
         model = VideoLanguageModel.from_pretrained(checkpoint)
         vocab = None
         if task == "qa":
-            vocab_file = checkpoint / "answers.json"
-            if not vocab_file.is_file():
-                raise EvlError(f"{checkpoint} has no answers.json: it was not fine-tuned for QA (task=qa)")
+            vocab_file = find_answer_vocab(checkpoint)
+            if vocab_file is None:
+                raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
+                               "for QA (task=qa)")
             vocab = AnswerVocab.from_json(vocab_file.read_text())
         settings = EvalSettings(batch_size=batch_size, rerank_k=rerank_k, device=device)
         metrics = evaluate_checkpoint_model(model, task, data, videos, Tokenizer.from_pretrained("minilm"),

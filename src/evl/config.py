@@ -58,6 +58,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is dict or typ is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(typ)
+        if len(args) == 2:
+            return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if origin is typing.Literal:
         allowed = typing.get_args(typ)

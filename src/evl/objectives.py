@@ -50,10 +50,11 @@ class LogitScale(nn.Module):
         if init_scale <= 0 or max_scale <= 0:
             raise ValueError(f"logit scale must be positive, got init={init_scale}, max={max_scale}")
         self.max_scale = float(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
+        # shape (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=learnable)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
 def _check_pair(video_emb: torch.Tensor, text_emb: torch.Tensor, name: str) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from evl.config import to_dict
+from evl.errors import EvlError
 
 
 def _stage(name: str) -> None:
@@ -74,9 +75,10 @@ def format_table(report: dict) -> str:
     base = q.get("baseline", {})
     lines.append(f"{'QA accuracy (all)':24s} {q['accuracy']:5.1f}   majority answer {base.get('accuracy', float('nan')):5.1f}"
                  f"   per-type majority {base.get('per_type_majority', {}).get('accuracy', float('nan')):5.1f}")
+    per_type_majority = base.get("per_type_majority", {}).get("per_type", {})
     for t, acc in sorted(q["per_type"].items()):
-        maj = base.get("per_type", {}).get(t, float("nan"))
-        lines.append(f"{'  ' + t:24s} {acc:5.1f}   majority answer {maj:5.1f}   (n={q['count_per_type'][t]})")
+        maj = per_type_majority.get(t, float("nan"))
+        lines.append(f"{'  ' + t:24s} {acc:5.1f}   type's majority answer {maj:5.1f}   (n={q['count_per_type'][t]})")
     for name, c in report.get("compositional", {}).items():
         label = "held-out combinations" if name == "held_out" else "seen combinations"
         lines.append(f"{'  ' + label:24s} t2v R@1 {c['t2v_r1']:5.1f} (chance {c['chance_r1']:.1f}, "
@@ -123,6 +125,9 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     from evl.models.model import VideoLanguageModel
     from evl.recipes import evaluate_checkpoint_model, run_recipe
 
+    if clips < 60:
+        raise EvlError(f"--clips {clips} is too few: the fine-tuning recipes need at least one batch of 32 "
+                       "training clips (70% of --clips); use --clips 60 or more (default 500)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

@@ -25,6 +25,7 @@ from evl.train import TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 Task = Literal["pretrain", "retrieval", "qa", "mc"]
+ANSWERS_FILE = "answers.json"
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DataConfig:
     num_frames: int | None = None      # default: the model's video.num_frames
     max_text_len: int = 32
     mlm_prob: float = 0.15
-    backend: str = "pyav"
+    backend: Literal["pyav", "decord"] = "pyav"
 
 
 @dataclass
@@ -94,8 +95,33 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     """Train per the recipe, save `out_dir/final` (model + config + answer vocab), evaluate on test.
 
     `init`: a checkpoint folder (saved by evl) to start from; its architecture wins over the recipe's
-    `model:` section, and a QA head is created fresh when the task needs one.
+    `model:` section, and a QA head is created fresh when the task needs one. Under torchrun the
+    process group is opened here (the Trainer reuses it), so that after training rank 0 alone saves
+    and evaluates the final model.
     """
+    from evl.train_dist import init_distributed
+
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return _run(cfg, init, resume, evaluate, ctx.is_main)
+    finally:
+        ctx.close()
+
+
+def _check_task_records(task: str, records: list, path: str) -> None:
+    """Fail before training when the annotation cannot serve the task (e.g. a QA file for retrieval)."""
+    need = {"pretrain": ("captions", "a caption"), "retrieval": ("captions", "a caption"),
+            "qa": ("question", "a question and an answer"), "mc": ("options", "answer options")}[task]
+    bad = next((r for r in records if not getattr(r, need[0]) or (task == "qa" and r.answer is None)
+                or (task == "mc" and r.answer_index is None)), None)
+    if bad is not None:
+        raise ConfigError(f"{bad.source or path}: task={task} needs {need[1]} in every record; this one has none "
+                          f"(kind {bad.kind!r}). Use an annotation file of that task or set task=...")
+
+
+def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool) -> dict:
+    import torch
+
     from evl.data.text import Tokenizer
     from evl.tasks.qa import AnswerVocab
 
@@ -105,8 +131,6 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     tokenizer = Tokenizer.from_pretrained("minilm")
     # seed before building: every rank (and a 1-process run) starts from the same initial weights,
     # and a run is reproducible from its recipe alone
-    import torch
-
     torch.manual_seed(cfg.train.seed)
     if init is not None:
         model = VideoLanguageModel.from_pretrained(init)
@@ -118,13 +142,20 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
                           f"vocabulary ({tokenizer.vocab_size}, the packaged MiniLM/BERT-uncased vocab); "
                           f"set model.text.vocab_size={tokenizer.vocab_size}")
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
+    if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
+        raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
+                          f"video.tubelet_size={model.cfg.video.tubelet_size}")
     clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
     train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format,
                                           replace_bad=8)
+    _check_task_records(cfg.task, train_ds.records, cfg.data.train)
     vocab = None
     if cfg.task == "qa":
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)
         model.set_num_answers(len(vocab))
+        if is_main:   # beside the run, so intermediate checkpoints can be evaluated too
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
     weights = _weights_for(cfg)
     mlm_prob = cfg.data.mlm_prob if weights.mlm else 0.0
     collate = Collator(tokenizer, cfg.data.max_text_len, mlm_prob=mlm_prob, answer_vocab=vocab)
@@ -134,17 +165,17 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     trainer = Trainer(TrainObjective(model, weights), _loss, train_ds, cfg.train, collate_fn=collate,
                       model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)})
     result = trainer.fit(resume=resume)
-    from evl.distributed import is_main_process
-
     summary = {"task": cfg.task, "steps": result.steps, "final_losses": result.final_losses,
                "train_time_s": result.wall_time_s, "skipped_samples": result.skipped_samples,
                "nonfinite_steps": result.nonfinite_steps}
-    if not is_main_process():
+    if not is_main:
         return summary
+    if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
+        model = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
     final = out_dir / "final"
     model.save_pretrained(final)
     if vocab is not None:
-        (final / "answers.json").write_text(vocab.to_json())
+        (final / ANSWERS_FILE).write_text(vocab.to_json())
     summary["checkpoint"] = str(final)
     if evaluate and cfg.data.test:
         summary["test"] = evaluate_checkpoint_model(model, cfg.task, cfg.data.test, cfg.data.videos, tokenizer,
@@ -154,13 +185,29 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     return summary
 
 
-def unused_parameter(name: str, w: ObjectiveWeights) -> bool:
+def find_answer_vocab(checkpoint: str | Path) -> Path | None:
+    """answers.json beside a checkpoint: in `final/`, or in the run folder of `checkpoints/step_*`."""
+    ckpt = Path(checkpoint)
+    for folder in (ckpt, ckpt.parent.parent):
+        if (folder / ANSWERS_FILE).is_file():
+            return folder / ANSWERS_FILE
+    return None
+
+
+def unused_parameter(name: str, w: ObjectiveWeights, model_cfg: ModelConfig | None = None) -> bool:
     """True when no enabled objective sends a gradient to parameter `name`.
 
     DDP waits for a gradient for every trainable parameter; one that never gets one (e.g. the MLM head
     in retrieval fine-tuning) stalls the reduction, so such parameters are frozen instead.
     """
     fusion = w.vtm or w.mlm or w.qa or w.mc
+    video_output_used = w.vtc or w.egonce or w.vtm or w.qa or w.mc
+    if model_cfg is not None and model_cfg.fusion.kind == "backbone" and not video_output_used:
+        # MLM alone reads only the fused *text* tokens: the last video block's output (and the final
+        # norm) feed nothing, since each text layer attends to the video state *before* that block
+        last = f"video.blocks.{model_cfg.video.num_layers - 1}."
+        if name.startswith((last, "video.norm.")):
+            return True
     if name.startswith("cross.") or ".cross." in name or ".xattn." in name:
         return not fusion
     if name.startswith("mlm_head."):
@@ -178,7 +225,7 @@ def freeze_unused(model: VideoLanguageModel, w: ObjectiveWeights) -> int:
     """Set requires_grad=False on the parameters the objectives do not train; returns how many."""
     n = 0
     for name, p in model.named_parameters():
-        if unused_parameter(name, w):
+        if unused_parameter(name, w, model.cfg):
             p.requires_grad_(False)
             n += 1
     return n
@@ -190,7 +237,10 @@ def evaluate_checkpoint_model(model: VideoLanguageModel, task: str, annotation: 
     """Run the evaluation of `task` ("retrieval"/"pretrain" → retrieval, "qa", "mc") on an annotation file."""
     from evl.data.check import guess_videos_dir
 
+    if task not in ("retrieval", "pretrain", "qa", "mc"):
+        raise ConfigError(f"unknown task {task!r}; expected retrieval, qa or mc")
     records = read_annotations(annotation, fmt)
+    _check_task_records(task, records, str(annotation))
     videos = videos if videos is not None else guess_videos_dir(annotation, records)
     if task in ("retrieval", "pretrain"):
         return evaluate_retrieval(model, records, videos, tokenizer, settings, num_frames)

@@ -265,7 +265,8 @@ class Trainer:
         ckpt = latest_checkpoint(cfg.out_dir) if resume else None
         if ckpt is not None:
             progress = load_training_checkpoint(self.ctx, self.wrapped, self.optimizer, ckpt,
-                                                expect={"global_batch": cfg.batch_size})
+                                                expect={"global_batch": cfg.batch_size, "seed": cfg.seed,
+                                                        "dataset_size": len(self.dataset)})  # type: ignore[arg-type]
         self.logger = MetricsLogger(cfg.out_dir, cfg.max_steps, progress.step, cfg.log_every,
                                     enabled=self.ctx.is_main)
         if resume:
@@ -312,7 +313,8 @@ class Trainer:
                            wall_time_s=time.perf_counter() - start_wall, checkpoint_dir=last_path)
 
     def _save(self, progress: Progress) -> str:
-        meta = {"global_batch": self.cfg.batch_size, "dataset_size": len(self.dataset),  # type: ignore[arg-type]
+        meta = {"global_batch": self.cfg.batch_size, "seed": self.cfg.seed,
+                "dataset_size": len(self.dataset),  # type: ignore[arg-type]
                 "train_config": to_dict(self.cfg)}
         path = save_training_checkpoint(self.ctx, self.wrapped, self.optimizer, progress, meta,
                                         self.model_config, self.cfg.out_dir, self.cfg.keep_last)

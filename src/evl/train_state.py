@@ -183,7 +183,8 @@ def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
     state = read_json(ckpt / STATE_FILE)
     for key, value in expect.items():
         if key in state and state[key] != value:
-            setting = {"global_batch": "train.batch_size"}.get(key, key)
+            setting = {"global_batch": "train.batch_size", "seed": "train.seed",
+                       "dataset_size": "the number of training records"}.get(key, key)
             raise CheckpointError(f"cannot resume from {ckpt}: it was written with {setting}={state[key]}, "
                                   f"this run has {setting}={value}. Use the same value, or start a new out_dir.")
     _load_model_and_optimizer(model, optimizer, ckpt)

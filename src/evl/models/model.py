@@ -142,7 +142,9 @@ class VideoLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, strict: bool = True) -> VideoLanguageModel:
-        """Rebuild from `directory/config.json` and load `model.safetensors` (strict by default)."""
+        """Rebuild from `directory/config.json` and load `model.safetensors` (strict by default).
+
+        `directory` is a saved model (`final/`) or any of the Trainer's `checkpoints/step_*`."""
         from evl.checkpoint import load_model_state, read_config
         from evl.errors import CheckpointError
 
@@ -150,7 +152,9 @@ class VideoLanguageModel(nn.Module):
         if "model" not in cfg:
             raise CheckpointError(f"{directory}/config.json has no 'model' section; was it saved by evl?")
         model = cls.from_config_dict(cfg["model"])
-        load_model_state(model, directory, strict=strict)
+        # also reads the Trainer's intermediate checkpoints (checkpoints/step_*), whose weights are
+        # those of the training objective module, i.e. this model under "model."
+        load_model_state(model, directory, strict=strict, strip_prefix="model.")
         return model
 
     # ---------------------------------------------------------------- dual path

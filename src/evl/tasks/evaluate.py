@@ -6,6 +6,7 @@ feeds them. Undecodable videos are skipped and counted (`undecodable` in every r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,14 @@ class EvalSettings:
     num_workers: int = 0
     rerank_k: int = 16          # fusion re-ranking of the dual top-k (0 = off)
     max_text_len: int = 32
-    device: str = "cpu"
+    device: str = "auto"     # "auto": the GPU when there is one, else the CPU
+
+
+def _resolve(s: EvalSettings) -> EvalSettings:
+    """Settings with `device` made concrete ("auto" → cuda when available, else cpu)."""
+    if s.device != "auto":
+        return s
+    return dataclasses.replace(s, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def clip_settings_for(model: VideoLanguageModel, num_frames: int | None = None) -> ClipSettings:
@@ -78,7 +86,7 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None,
                        tokenizer, settings: EvalSettings | None = None, num_frames: int | None = None) -> dict:
     """Text→video / video→text recall of the dual encoder, and t2v after fusion re-ranking of the top-k."""
-    s = settings or EvalSettings()
+    s = _resolve(settings or EvalSettings())
     model.eval().to(s.device)
     by_video: dict[str, list[str]] = {}
     first: dict[str, Record] = {}
@@ -153,7 +161,7 @@ def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: st
                 vocab: AnswerVocab, settings: EvalSettings | None = None, train_records: list[Record] | None = None,
                 num_frames: int | None = None) -> dict:
     """Open-ended QA accuracy overall and per question type (+ majority baselines from training answers)."""
-    s = settings or EvalSettings()
+    s = _resolve(settings or EvalSettings())
     model.eval().to(s.device)
     ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="question")
     preds, gold, types, skipped = [], [], [], 0
@@ -182,7 +190,7 @@ def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: st
 def evaluate_mc(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None, tokenizer,
                 settings: EvalSettings | None = None, num_frames: int | None = None) -> dict:
     """Multiple-choice accuracy: pick the option with the best dual+fusion score."""
-    s = settings or EvalSettings()
+    s = _resolve(settings or EvalSettings())
     model.eval().to(s.device)
     ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="none")
     correct, total, skipped, k = 0, 0, 0, 0
