@@ -6,6 +6,7 @@ Library modules are imported inside the commands, so `evl --help` does not load 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -106,7 +107,8 @@ def _train(config: str, overrides: list[str], init: str | None, resume: bool, no
         summary = run_recipe(cfg, init=init, resume=resume, evaluate=not no_eval)
     except (EvlError, ValueError) as e:
         _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command(context_settings={"allow_extra_args": False})
