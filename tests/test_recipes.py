@@ -237,3 +237,41 @@ def test_unused_parameters_are_exactly_those_without_gradient(tiny_model_dict_fa
             TrainObjective(model, w)(batch)["loss"].backward()
             for name, p in model.named_parameters():
                 assert (p.grad is None) == unused_parameter(name, w, model.cfg), (kind, w, name)
+
+
+def test_multiple_choice_options_carry_the_question(tmp_path):
+    """NExT-QA-style MC scores "question + option"; caption MC (SynthVL, MSRVTT-MC) the option alone."""
+    import numpy as np
+
+    from evl.data.annotations import Record
+    from evl.data.datasets import ClipSettings, VideoTextDataset
+    from evl.data.video_writer import write_video
+
+    write_video(tmp_path / "v.mp4", np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    qa = Record(video="v.mp4", question="what did the man do?", options=["ran", "sat"], answer_index=1)
+    cap = Record(video="v.mp4", options=["a man runs", "a man sits"], answer_index=0)
+    ds = VideoTextDataset([qa, cap], tmp_path, ClipSettings(num_frames=4, size=32), text="none")
+    assert ds[0]["options"] == ["what did the man do? ran", "what did the man do? sat"]
+    assert ds[1]["options"] == ["a man runs", "a man sits"]
+
+
+def test_bad_video_is_replaced_and_counted(tmp_path):
+    """Training datasets swap an undecodable sample for a decodable one (batch sizes stay equal across
+    ranks) and mark it, so the Trainer's collate counts it as skipped."""
+    import numpy as np
+
+    from evl.data.annotations import Record
+    from evl.data.datasets import ClipSettings, VideoTextDataset
+    from evl.data.video_writer import write_video
+    from evl.train_data import skip_none_collate
+
+    write_video(tmp_path / "good.mp4", np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    (tmp_path / "bad.mp4").write_text("not a video")
+    recs = [Record(video="bad.mp4", captions=["x"]), Record(video="good.mp4", captions=["y"])]
+    strict = VideoTextDataset(recs, tmp_path, ClipSettings(num_frames=4, size=32), replace_bad=0)
+    assert strict[0] is None
+    ds = VideoTextDataset(recs, tmp_path, ClipSettings(num_frames=4, size=32), replace_bad=2)
+    s0, s1 = ds[0], ds[1]
+    assert s0["video_name"] == "good.mp4" and s0["replaced_bad"] == 1 and s1["replaced_bad"] == 0
+    collated = skip_none_collate(lambda xs: len(xs))([s0, s1, None])
+    assert collated.batch == 2 and collated.skipped == 2    # one replaced + one None

@@ -123,7 +123,9 @@ class VideoTextDataset(Dataset):
         sample["verbs"] = list(record.meta.get("verbs", []))
         sample["nouns"] = list(record.meta.get("nouns", []))
         if record.options is not None:
-            sample["options"] = record.options
+            # question-answer MC (NExT-QA, STAR) scores "question + option"; caption MC the option alone
+            q = record.question
+            sample["options"] = [f"{q} {o}" for o in record.options] if q else list(record.options)
             sample["answer_index"] = record.answer_index
         return sample
 
