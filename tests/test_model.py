@@ -436,3 +436,46 @@ def test_objective_weights_validation(tiny_model_config):
     with pytest.raises(ValueError, match="need a fusion model"):
         TrainObjective(make_model(tiny_model_config, "none"), ObjectiveWeights())
     TrainObjective(make_model(tiny_model_config, "none"), ObjectiveWeights(vtm=0, mlm=0))   # VTC alone is fine
+
+
+def test_vtc_counts_captions_of_the_same_clip_as_positives(tiny_model_config):
+    """Two captions of one clip in a batch are not each other's negatives: VTC becomes the
+    multi-positive InfoNCE over the same-clip mask, and equals plain VTC when every clip is distinct."""
+    from evl.objectives import egonce_loss, vtc_loss
+
+    torch.manual_seed(0)
+    m = make_model(tiny_model_config, "encoder")
+    obj = TrainObjective(m, ObjectiveWeights(vtc=1, vtm=0, mlm=0))
+    batch = train_batch()
+    with torch.no_grad():
+        v = m.video_features(batch["frames"], batch["frame_mask"]).emb
+        t = m.text_features(batch["input_ids"], batch["attention_mask"]).emb
+        scale = m.logit_scale()
+        distinct = obj({**batch, "clip_keys": ["a", "b", "c", "d"]})["vtc"]
+        shared = obj({**batch, "clip_keys": ["a", "a", "c", "d"]})["vtc"]
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    assert torch.allclose(distinct, vtc_loss(v, t, scale), atol=1e-6)
+    assert torch.allclose(shared, egonce_loss(v, t, scale, positive_mask=same), atol=1e-6)
+    assert not torch.allclose(shared, distinct)
+
+
+@pytest.mark.parametrize("egonce", [0.0, 1.0])
+def test_vtm_negatives_exclude_verb_noun_pairs_only_with_egonce(tiny_model_config, monkeypatch, egonce):
+    """Rows 0 and 1 share verb and noun ("roll", "ball"): with EgoNCE on they are positives and never
+    drawn as each other's VTM negatives; with EgoNCE off they are the hard negatives VTM should see."""
+    import evl.tasks.objective as objective
+
+    seen = {}
+    real = objective.sample_hard_negatives
+
+    def spy(sim, positive_mask=None, generator=None):
+        seen["mask"] = positive_mask.clone()
+        return real(sim, positive_mask=positive_mask, generator=generator)
+
+    monkeypatch.setattr(objective, "sample_hard_negatives", spy)
+    m = make_model(tiny_model_config, "encoder")
+    TrainObjective(m, ObjectiveWeights(vtc=1, vtm=1, mlm=0, egonce=egonce))({**train_batch(),
+                                                                            "clip_keys": ["a", "b", "c", "d"]})
+    assert bool(seen["mask"][0, 1]) == bool(egonce) and bool(seen["mask"][1, 0]) == bool(egonce)
+    assert not seen["mask"][0, 2] and seen["mask"].diagonal().all()   # the pair itself is always excluded
