@@ -95,13 +95,17 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
         first.setdefault(clip_key(r), r)
     video_records = list(first.values())
     ds = VideoTextDataset(video_records, videos_dir, clip_settings_for(model, num_frames), text="none")
+    # token-level features are kept (on the CPU) only when re-ranking needs them; otherwise just the
+    # embeddings, so a 100k-clip gallery costs 100k × embed_dim floats
+    rerank = min(s.rerank_k, len(video_records)) > 0 and model.cfg.fusion.kind != "none"
     feats, names, skipped = [], [], 0
     for batch, n_bad in _loader(ds, Collator(tokenizer), s):
         skipped += n_bad
         if batch is None:
             continue
         batch = _to(batch, s.device)
-        feats.append(model.video_features(batch["frames"], batch["frame_mask"]))
+        f = model.video_features(batch["frames"], batch["frame_mask"])
+        feats.append(f if rerank else VideoFeatures(f.emb, f.emb[:, :0], f.token_mask[:, :0]))
         names.extend(batch["clip_keys"])
     if not feats:
         raise ValueError("no video of the retrieval set could be decoded; run `evl data check` on the annotation")
@@ -116,16 +120,16 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
     tparts = []
     for i in range(0, len(captions), s.batch_size):
         tok = tokenizer(captions[i:i + s.batch_size], max_length=s.max_text_len)
-        tparts.append(model.text_features(tok.input_ids.to(s.device), tok.attention_mask.to(s.device)))
+        f = model.text_features(tok.input_ids.to(s.device), tok.attention_mask.to(s.device))
+        tparts.append(f if rerank else TextFeatures(f.emb, f.emb[:, :0], f.attention_mask[:, :0]))
     text = _cat_features(tparts, TextFeatures)
     t2v = torch.tensor(text_to_video)
     out = retrieval_metrics(text.emb.float().cpu(), video.emb.float().cpu(), t2v, ties="pessimistic")
     out.update(num_videos=len(names), num_captions=len(captions), undecodable=skipped,
                chance_r1=chance_recall(len(names), 1), chance_r5=chance_recall(len(names), 5),
                chance_r10=chance_recall(len(names), 10))
-    k = min(s.rerank_k, len(names))
-    if k > 0 and model.cfg.fusion.kind != "none":
-        out.update(_rerank(model, video, text, t2v, k, s.batch_size))
+    if rerank:
+        out.update(_rerank(model, video, text, t2v, min(s.rerank_k, len(names)), s.batch_size))
     return out
 
 
