@@ -275,3 +275,15 @@ def test_bad_video_is_replaced_and_counted(tmp_path):
     assert s0["video_name"] == "good.mp4" and s0["replaced_bad"] == 1 and s1["replaced_bad"] == 0
     collated = skip_none_collate(lambda xs: len(xs))([s0, s1, None])
     assert collated.batch == 2 and collated.skipped == 2    # one replaced + one None
+
+
+def test_init_reports_recipe_model_settings_it_ignores():
+    """With --init the checkpoint's architecture wins; the differing recipe keys are named in a warning."""
+    from evl.recipes import _model_differences
+
+    tiny = load_recipe("pretrain-tiny").model
+    same = load_recipe("pretrain-tiny").model
+    other = load_recipe("pretrain-tiny", ["model=tiny-backbone", "model.video.num_layers=3"]).model
+    assert _model_differences(tiny, same) == []
+    diff = _model_differences(tiny, other)
+    assert "fusion.kind" in diff and "video.num_layers" in diff and "text.pretrained" not in diff

@@ -134,6 +134,10 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     torch.manual_seed(cfg.train.seed)
     if init is not None:
         model = VideoLanguageModel.from_pretrained(init)
+        ignored = _model_differences(cfg.model, model.cfg)
+        if ignored and is_main:
+            log.warning("--init %s: the architecture comes from the checkpoint; the recipe's model settings %s "
+                        "differ and are ignored", init, ", ".join(ignored[:8]))
         cfg.model = model.cfg
     else:
         model = VideoLanguageModel(cfg.model)
@@ -183,6 +187,19 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
                                                     train_records=train_ds.records, num_frames=num_frames)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _model_differences(recipe: ModelConfig, checkpoint: ModelConfig) -> list[str]:
+    """Dotted keys whose values differ between two model configs (weights source and QA size aside)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(to_dict(recipe)), flat(to_dict(checkpoint))
+    skip = {"text.pretrained", "num_answers"}
+    return sorted(k for k in a.keys() | b.keys() if k not in skip and a.get(k) != b.get(k))
 
 
 def find_answer_vocab(checkpoint: str | Path) -> Path | None:
