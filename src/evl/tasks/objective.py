@@ -95,7 +95,9 @@ class TrainObjective(nn.Module):
         b = batch["frames"].shape[0]
         keys = batch.get("clip_keys") or batch.get("video_names") or [f"{get_rank()}:{i}" for i in range(b)]
         keys = [k for part in all_gather_object(list(keys)) for k in part]
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool, device=device)
+        ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        clip = torch.tensor([ids[key] for key in keys], device=device)
+        same = clip[:, None] == clip[None, :]
         tags = torch.zeros_like(same)
         if with_tags:
             verbs = [v for part in all_gather_object(batch.get("verbs") or [[]] * b) for v in part]
