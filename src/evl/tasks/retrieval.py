@@ -106,6 +106,23 @@ def _check_mapping(
     return text_to_video
 
 
+def _best_correct_ranks(query: torch.Tensor, gallery: torch.Tensor,
+                        correct: Callable[[int, int], torch.Tensor], chunk_size: int, ties: str) -> torch.Tensor:
+    """1-based rank of the best-scoring correct gallery item of each query, in chunks of queries.
+
+    `correct(start, end)` gives the (end-start, N_gallery) bool mask of correct items for those queries;
+    other correct items never count as errors. Queries with no correct item get rank 0.
+    """
+    ranks = []
+    for start in range(0, query.shape[0], chunk_size):
+        sim = query[start : start + chunk_size] @ gallery.t()
+        ok = correct(start, start + sim.shape[0])
+        best = sim.masked_fill(~ok, float("-inf")).max(dim=1).values
+        rank = _count_above(sim, best, ~ok, ties)
+        ranks.append(torch.where(ok.any(dim=1), rank, torch.zeros_like(rank)))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
 @torch.no_grad()
 def text_to_video_ranks(
     text_emb: torch.Tensor,
@@ -117,15 +134,9 @@ def text_to_video_ranks(
     """1-based rank (Nt,) of each caption's ground-truth video among all videos."""
     _check_chunk(chunk_size)
     text_to_video = _check_mapping(text_emb, video_emb, text_to_video)
-    ranks = []
-    for start in range(0, text_emb.shape[0], chunk_size):
-        sim = text_emb[start : start + chunk_size] @ video_emb.t()
-        gt = text_to_video[start : start + chunk_size]
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        wrong = torch.ones_like(sim, dtype=torch.bool)
-        wrong[rows, gt] = False
-        ranks.append(_count_above(sim, sim[rows, gt], wrong, ties))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    videos = torch.arange(video_emb.shape[0], device=text_emb.device)
+    return _best_correct_ranks(text_emb, video_emb, lambda s, e: text_to_video[s:e, None] == videos[None, :],
+                               chunk_size, ties)
 
 
 @torch.no_grad()
@@ -143,15 +154,11 @@ def video_to_text_ranks(
     """
     _check_chunk(chunk_size)
     text_to_video = _check_mapping(text_emb, video_emb, text_to_video)
-    ranks = []
-    for start in range(0, video_emb.shape[0], chunk_size):
-        sim = video_emb[start : start + chunk_size] @ text_emb.t()
-        vids = torch.arange(start, start + sim.shape[0], device=sim.device)
-        correct = text_to_video[None, :] == vids[:, None]
-        best = sim.masked_fill(~correct, float("-inf")).max(dim=1).values
-        rank = _count_above(sim, best, ~correct, ties)
-        ranks.append(torch.where(correct.any(dim=1), rank, torch.zeros_like(rank)))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+    def correct(s: int, e: int) -> torch.Tensor:
+        return text_to_video[None, :] == torch.arange(s, e, device=text_emb.device)[:, None]
+
+    return _best_correct_ranks(video_emb, text_emb, correct, chunk_size, ties)
 
 
 def recall_summary(ranks: torch.Tensor, prefix: str, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
