@@ -486,10 +486,8 @@ def test_cross_encoder_starts_from_the_following_text_layers():
     layers 3 and 4 (self-attention, feed-forward, norms); their cross-attention is new, gate open."""
     from evl.models.text import TextEncoder, TextEncoderConfig
 
-    data = load_yaml("tiny")
-    data["fusion"]["init_from_text"] = True
-    cfg = from_dict(ModelConfig, data)
-    assert cfg.text.num_layers == 2
+    cfg = from_dict(ModelConfig, load_yaml("tiny"))
+    assert cfg.fusion.init_from_text and cfg.text.num_layers == 2
     model = VideoLanguageModel(cfg)
     ref = TextEncoder(TextEncoderConfig(pretrained="minilm", num_layers=4))
     for i in range(2):
@@ -502,7 +500,6 @@ def test_cross_encoder_starts_from_the_following_text_layers():
 
 def test_cross_encoder_init_needs_enough_checkpoint_layers():
     cfg = load_yaml("tiny")
-    cfg["fusion"]["init_from_text"] = True
     cfg["text"]["num_layers"] = 6          # MiniLM has 6: nothing left for the 2 fusion layers
     with pytest.raises(CheckpointError, match="fusion.init_from_text"):
         build_model(cfg)
