@@ -407,7 +407,7 @@ def test_train_objective_qa_and_mc(tiny_model_config):
     m = make_model(tiny_model_config, "encoder")
     m.set_num_answers(5)
     out = TrainObjective(m, ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1))(train_batch())
-    assert set(out) == {"loss", "qa"} and out["qa"].item() == pytest.approx(1.609, abs=0.5)   # ~ ln 5 (untrained head)
+    assert set(out) == {"loss", "qa"} and out["qa"].item() == pytest.approx(1.609, abs=0.3)   # ~ ln 5
     out = TrainObjective(m, ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=2.0))(train_batch())
     assert set(out) == {"loss", "mc"} and out["loss"].item() == pytest.approx(2.0 * out["mc"].item())
 
@@ -479,27 +479,3 @@ def test_vtm_negatives_exclude_verb_noun_pairs_only_with_egonce(tiny_model_confi
                                                                             "clip_keys": ["a", "b", "c", "d"]})
     assert bool(seen["mask"][0, 1]) == bool(egonce) and bool(seen["mask"][1, 0]) == bool(egonce)
     assert not seen["mask"][0, 2] and seen["mask"].diagonal().all()   # the pair itself is always excluded
-
-
-def test_cross_encoder_starts_from_the_following_text_layers():
-    """ALBEF-style init: with a 2-layer MiniLM text tower, the 2 cross-modal layers start as MiniLM
-    layers 3 and 4 (self-attention, feed-forward, norms); their cross-attention is new, gate open."""
-    from evl.models.text import TextEncoder, TextEncoderConfig
-
-    cfg = from_dict(ModelConfig, load_yaml("tiny"))
-    assert cfg.fusion.init_from_text and cfg.text.num_layers == 2
-    model = VideoLanguageModel(cfg)
-    ref = TextEncoder(TextEncoderConfig(pretrained="minilm", num_layers=4))
-    for i in range(2):
-        ours, theirs = model.cross.layers[i].state_dict(), ref.layers[2 + i].state_dict()
-        assert set(theirs) <= set(ours)
-        for k, v in theirs.items():
-            assert torch.equal(ours[k], v), (i, k)
-        assert float(model.cross.layers[i].xattn.gate) == 1.0
-
-
-def test_cross_encoder_init_needs_enough_checkpoint_layers():
-    cfg = load_yaml("tiny")
-    cfg["text"]["num_layers"] = 6          # MiniLM has 6: nothing left for the 2 fusion layers
-    with pytest.raises(CheckpointError, match="fusion.init_from_text"):
-        build_model(cfg)

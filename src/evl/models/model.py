@@ -101,7 +101,7 @@ class VideoLanguageModel(nn.Module):
         self.text_proj = nn.Linear(tw, cfg.embed_dim)
         self.logit_scale = LogitScale()
         kind = cfg.fusion.kind
-        self.cross = CrossModalEncoder(cfg.text, vw, cfg.fusion) if kind == "encoder" else None
+        self.cross = CrossModalEncoder(tw, vw, cfg.fusion) if kind == "encoder" else None
         self.fused_dim = {"encoder": tw, "backbone": vw + tw, "none": 0}[kind]
         self.video_fuse_start = cfg.video.num_layers - cfg.video.fusion_layers
         self.text_fuse_start = cfg.text.num_layers - cfg.text.fusion_layers
