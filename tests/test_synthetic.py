@@ -80,7 +80,13 @@ def test_write_is_byte_deterministic_and_worker_independent(tmp_path):
     assert {k for k in fa if k.startswith("videos/")} == {f"videos/clip_{i:05d}.mp4" for i in range(6)}
     for name in ("meta.json", "annotations/pretrain.json", "annotations/qa_test.json", "annotations/clips.json"):
         assert name in fa
-    assert fa == fb  # annotations, meta and mp4 bytes
+    # annotations and meta: byte-identical; videos: identical decoded frames (the contract;
+    # mp4 bytes are identical in practice too, but that is the encoder's promise, not ours)
+    text = [k for k in fa if not k.startswith("videos/")]
+    assert [k for k in text if fa[k] != fb[k]] == []
+    for k in fa:
+        if k.startswith("videos/"):
+            assert np.array_equal(_decode(tmp_path / "a" / k), _decode(tmp_path / "b" / k)), k
     assert a["splits"] == {"train": 4, "val": 1, "test": 1}
     frames = _decode(tmp_path / "a" / "videos" / "clip_00000.mp4")
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
