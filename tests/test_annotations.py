@@ -9,10 +9,12 @@ import pytest
 
 from evl.data.annotations import (
     FORMATS,
+    SPLIT_FIELDS,
     Record,
     detect_format,
     read_annotations,
     read_annotations_with_format,
+    split_sizes,
 )
 from evl.errors import AnnotationError
 
@@ -377,4 +379,107 @@ EGOCLIP_BAD = [
 def test_egoclip_bad_rows(tmp_path, line, pattern):
     path = write_lines(tmp_path / "ego.tsv", EGOCLIP_HEADER, line)
     with pytest.raises(AnnotationError, match=rf"ego.tsv: row 1 \(line 2\): {pattern}"):
+        read_annotations(path)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def write_msrvtt_splits(path: Path, sizes: dict[str, int], captions: int = 2) -> Path:
+    """An MSRVTT_data.json with `sizes[split]` videos per split (ids in file order, like the official
+    file) and `captions` sentences per video, the sentences listed round-robin as in the real file."""
+    splits = [s for s, n in sizes.items() for _ in range(n)]
+    videos = [{"video_id": f"video{i}", "split": s, "category": i % 3} for i, s in enumerate(splits)]
+    sentences = [{"video_id": f"video{i}", "caption": f"clip {i} caption {c}", "sen_id": c * len(splits) + i}
+                 for c in range(captions) for i in range(len(splits))]
+    return write_json(path, {"info": {}, "videos": videos, "sentences": sentences})
+
+
+SPLIT_SIZES = {"train": 4, "validate": 2, "test": 3}
+
+
+def test_msrvtt_records_carry_their_split(tmp_path):
+    path = write_msrvtt_splits(tmp_path / "MSRVTT_data.json", SPLIT_SIZES)
+    recs = read_annotations(path)
+    assert [r.meta["split"] for r in recs] == ["train"] * 4 + ["validate"] * 2 + ["test"] * 3
+    assert split_sizes(recs, "msrvtt") == {"train": {"records": 4, "videos": 4},
+                                           "validate": {"records": 2, "videos": 2},
+                                           "test": {"records": 3, "videos": 3}}
+    assert "msrvtt" in SPLIT_FIELDS and set(SPLIT_FIELDS) <= set(FORMATS)
+
+
+def test_msrvtt_split_selects_exactly_that_split_with_its_captions(tmp_path):
+    path = write_msrvtt_splits(tmp_path / "MSRVTT_data.json", SPLIT_SIZES)
+    train = read_annotations(path, split="train")
+    assert [r.video for r in train] == ["video0.mp4", "video1.mp4", "video2.mp4", "video3.mp4"]
+    assert train[2].captions == ["clip 2 caption 0", "clip 2 caption 1"]
+    assert train[2].meta["sen_ids"] == [2, 11]
+    fmt, test = read_annotations_with_format(path, "msrvtt", split="test")
+    assert fmt == "msrvtt" and [r.video for r in test] == ["video6.mp4", "video7.mp4", "video8.mp4"]
+    assert {r.meta["split"] for r in test} == {"test"}
+    assert not {r.video for r in train} & {r.video for r in test}
+
+
+@pytest.mark.parametrize("asked,hint", [
+    ("val", "did you mean 'validate'"),
+    ("Test", "did you mean 'test'"),
+    ("training", "did you mean 'train'"),
+    ("xyz", "use one of train, validate, test"),
+])
+def test_unknown_split_lists_the_file_splits_with_sizes(tmp_path, asked, hint):
+    path = write_msrvtt_splits(tmp_path / "MSRVTT_data.json", SPLIT_SIZES)
+    with pytest.raises(AnnotationError) as err:
+        read_annotations(path, split=asked)
+    msg = str(err.value)
+    assert f"MSRVTT_data.json has splits train (4 videos), validate (2), test (3); got {asked!r}" in msg
+    assert hint in msg
+
+
+def test_split_on_a_format_without_splits_says_drop_the_option(tmp_path):
+    path = write_json(tmp_path / "ret.json", [{"video": "a.mp4", "caption": "x"}])
+    with pytest.raises(AnnotationError, match=r"ret.json: split 'train' was asked for, but the lavis format "
+                                              r"carries no split; drop the split option"):
+        read_annotations(path, split="train")
+    # a stray 'split' key in LAVIS rows stays in meta but is not a split: say so
+    path = write_json(tmp_path / "ret2.json", [{"video": "a.mp4", "caption": "x", "split": "train"}])
+    assert read_annotations(path)[0].meta == {"split": "train"}
+    with pytest.raises(AnnotationError, match="kept in record.meta but are not a split"):
+        read_annotations(path, split="train")
+    csv_path = write_lines(tmp_path / "val.csv", NEXTQA_HEADER, "v1,10,2,2,q,0,1,CW,a,b,c,d,e")
+    with pytest.raises(AnnotationError, match="the nextqa format carries no split"):
+        read_annotations(csv_path, split="val")
+
+
+def test_msrvtt_split_field_problems(tmp_path):
+    no_split = write_json(tmp_path / "a.json", {"videos": [{"video_id": "v0"}],
+                                                "sentences": [{"video_id": "v0", "caption": "x"}]})
+    assert "split" not in read_annotations(no_split)[0].meta
+    with pytest.raises(AnnotationError, match=r"no entry has a split \(the 'split' of each entry in 'videos'"):
+        read_annotations(no_split, split="train")
+    partial = write_json(tmp_path / "b.json", {
+        "videos": [{"video_id": "v0", "split": "train"}, {"video_id": "v1"}],
+        "sentences": [{"video_id": "v0", "caption": "x"}, {"video_id": "v1", "caption": "y"}]})
+    assert len(read_annotations(partial)) == 2  # reading without a split still works
+    with pytest.raises(AnnotationError, match=r"b.json:videos\[2\]: video 'v1.mp4' has no 'split' while 1 other"):
+        read_annotations(partial, split="train")
+    bad = write_json(tmp_path / "c.json", {"videos": [{"video_id": "v0", "split": 3}], "sentences": []})
+    with pytest.raises(AnnotationError, match=r"videos row 1: field 'split' is 3; expected a non-empty string"):
+        read_annotations(bad)
+
+
+def test_msrvtt_split_without_sentences_is_an_error(tmp_path):
+    path = write_json(tmp_path / "m.json", {
+        "videos": [{"video_id": "v0", "split": "train"}, {"video_id": "v1", "split": "test"}],
+        "sentences": [{"video_id": "v0", "caption": "x"}]})
+    assert len(read_annotations(path, split="train")) == 1
+    with pytest.raises(AnnotationError, match="split 'test' lists 1 videos but none has an annotation"):
+        read_annotations(path, split="test")
+
+
+def test_msrvtt_duplicate_video_id_is_an_error(tmp_path):
+    path = write_json(tmp_path / "m.json", {
+        "videos": [{"video_id": "v0", "split": "train"}, {"video_id": "v0", "split": "test"}],
+        "sentences": [{"video_id": "v0", "caption": "x"}]})
+    with pytest.raises(AnnotationError, match=r"videos row 2: field 'video_id' is 'v0'; expected a video_id "
+                                              r"listed once \(already at videos row 1\)"):
         read_annotations(path)

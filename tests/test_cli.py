@@ -71,8 +71,8 @@ def test_bench_model_bad_precision(model_yaml):
 def test_bench_model_unknown_config_lists_packaged():
     result = runner.invoke(app, ["bench", "model", "no-such-model"])
     assert result.exit_code == 2
-    assert "error: config 'no-such-model' is neither a file nor a packaged config" in result.output
-    packaged = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    assert "error: model config 'no-such-model' is neither a file nor a packaged model config" in result.output
+    packaged = sorted(f.stem for f in (CONFIG_DIR / "models").glob("*.yaml"))
     assert {"tiny", "small", "base", "tiny-backbone"} <= set(packaged)
     assert f"packaged: {', '.join(packaged)}" in result.output
 
@@ -177,7 +177,7 @@ def test_cli_eval_and_finetune_errors(cli_run, synthvl, tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--task", "retrieval", *data])
     assert result.exit_code == 2 and f"{tmp_path / 'nope'}: not an evl checkpoint folder (no config.json)" in result.output
     result = runner.invoke(app, ["eval", str(tmp / "pre" / "final"), "--task", "caption", *data])
-    assert result.exit_code == 2 and "--task must be retrieval, qa or mc; got 'caption'" in result.output
+    assert result.exit_code == 2 and "unknown task 'caption'; tasks: pretrain, retrieval, qa, mc" in result.output
     result = runner.invoke(app, ["eval", str(tmp / "pre" / "final"), "--task", "retrieval",
                                  "--data", str(tmp_path / "none.json")])
     assert result.exit_code == 2 and "no such annotation file" in result.output

@@ -149,3 +149,74 @@ def test_cli_data_formats_lists_every_reader():
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines() if line.strip()]
     assert names == ["lavis", "msrvtt", "nextqa", "star", "webvid", "egoclip"]
+
+
+# ----------------------------------------------------------------------------- splits (MSRVTT_data.json)
+
+
+def make_msrvtt(root: Path) -> Path:
+    """root/MSRVTT_data.json: 3 train, 1 validate, 2 test videos (2 captions each); the train and test
+    videos exist as (undecoded) files under root/videos, the validate one is missing."""
+    splits = ["train"] * 3 + ["validate"] + ["test"] * 2
+    (root / "videos").mkdir(parents=True)
+    for i, s in enumerate(splits):
+        if s != "validate":
+            (root / "videos" / f"video{i}.mp4").write_bytes(b"not decoded in these tests")
+    path = root / "MSRVTT_data.json"
+    path.write_text(json.dumps({
+        "videos": [{"video_id": f"video{i}", "split": s} for i, s in enumerate(splits)],
+        "sentences": [{"video_id": f"video{i}", "caption": f"c{i}.{c}"} for c in range(2) for i in range(6)],
+    }))
+    return path
+
+
+def test_check_reports_counts_per_split(tmp_path):
+    s = check_annotations(make_msrvtt(tmp_path), decode=False)
+    assert s["format"] == "msrvtt" and s["split"] is None
+    assert s["splits"] == {"train": {"records": 3, "videos": 3}, "validate": {"records": 1, "videos": 1},
+                           "test": {"records": 2, "videos": 2}}
+    assert (s["records"], s["videos"], s["ok"], s["missing"]) == (6, 6, 5, 1)
+    text = format_summary(s)
+    assert "splits" in text.splitlines()
+    assert any(line.split() == ["validate", "1", "records,", "1", "videos"] for line in text.splitlines())
+
+
+def test_check_one_split_counts_only_that_split(tmp_path):
+    s = check_annotations(make_msrvtt(tmp_path), decode=False, split="train")
+    assert s["split"] == "train" and s["splits"] == {"train": {"records": 3, "videos": 3}}
+    assert (s["records"], s["videos"], s["ok"], s["missing"]) == (3, 3, 3, 0)
+    with pytest.raises(AnnotationError, match=r"has splits train \(3 videos\), validate \(1\), test \(2\); "
+                                              r"got 'val'; did you mean 'validate'"):
+        check_annotations(tmp_path / "MSRVTT_data.json", decode=False, split="val")
+
+
+def test_check_formats_without_splits_report_none(dataset):
+    s = check_annotations(dataset, decode=False)
+    assert s["splits"] == {} and s["split"] is None
+    assert "splits" not in format_summary(s).splitlines()
+    with pytest.raises(AnnotationError, match="the lavis format carries no split; drop the split option"):
+        check_annotations(dataset, decode=False, split="test")
+
+
+def test_cli_data_check_split(tmp_path, monkeypatch):
+    import evl.data.check as check
+
+    monkeypatch.setattr(check, "_verify", lambda path: None)  # the fixture's files are not real videos
+    ann = make_msrvtt(tmp_path)
+    result = runner.invoke(app, ["data", "check", str(ann), "--split", "test", "--json"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.output)
+    assert (s["split"], s["records"], s["videos"], s["ok"]) == ("test", 2, 2, 2)
+    assert s["splits"] == {"test": {"records": 2, "videos": 2}}
+    result = runner.invoke(app, ["data", "check", str(ann), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ["split", "test"] in [line.split() for line in lines]
+    assert ["records", "2"] in [line.split() for line in lines]
+    assert ["test", "2", "records,", "2", "videos"] in [line.split() for line in lines]
+    assert not any(line.split()[:1] in (["train"], ["validate"]) for line in lines)
+    result = runner.invoke(app, ["data", "check", str(ann), "--split", "val"])
+    assert result.exit_code == 2
+    assert "did you mean 'validate'" in result.output
+    help_text = runner.invoke(app, ["data", "check", "--help"]).output
+    assert "--split" in help_text and "MSRVTT_data.json" in help_text

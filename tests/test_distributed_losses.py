@@ -19,7 +19,7 @@ from evl.distributed import (
     get_world_size,
     is_main_process,
 )
-from evl.objectives import egonce_loss, egonce_positive_mask, vtc_loss
+from evl.losses.functional import egonce_loss, egonce_positive_mask, vtc_loss
 
 WORLD = 2
 B, D = 3, 5

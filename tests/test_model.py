@@ -15,7 +15,7 @@ from evl.models.fusion import FusionConfig, run_lockstep
 from evl.models.model import ModelConfig, VideoLanguageModel, build_model
 from evl.models.text import TextEncoderConfig
 from evl.models.video import VideoEncoderConfig
-from evl.tasks.objective import ObjectiveWeights, TrainObjective, multiple_choice_scores
+from evl.train.objective import TrainObjective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KINDS = ["encoder", "backbone"]
@@ -38,8 +38,16 @@ def inputs(b: int = 3, t: int = 4, length: int = 7, vocab: int = 100, seed: int 
 
 
 def fusion_params(model: VideoLanguageModel) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters()
-            if n.startswith("cross.") or ".cross." in n or ".xattn." in n}
+    return {n: p for n, p in model.named_parameters() if n.startswith("fusion.") or ".cross_attn." in n}
+
+
+def objective(model: VideoLanguageModel, **weights: float) -> TrainObjective:
+    """The training objective with the given loss-term weights (default: VTC + VTM + MLM)."""
+    return TrainObjective.from_spec(model, weights or {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0})
+
+
+def mc_scores(m: VideoLanguageModel, frames, frame_mask, option_ids, option_mask) -> torch.Tensor:
+    return m.option_scores(m.video_features(frames, frame_mask), option_ids, option_mask)
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -72,7 +80,7 @@ def test_fusion_none_has_no_fusion_path(tiny_model_config):
     m = make_model(tiny_model_config, "none").eval()
     frames, fm, ids, mask = inputs()
     vf, tf = m.video_features(frames, fm), m.text_features(ids, mask)
-    assert m.cross is None and m.fused_dim == 0 and not fusion_params(m)
+    assert m.fusion is None and m.fused_dim == 0 and not fusion_params(m)
     with pytest.raises(ValueError, match="no fusion"):
         m.fuse(vf, tf)
     with pytest.raises(ValueError, match="open-ended QA needs a fusion model"):
@@ -83,16 +91,24 @@ def test_fusion_none_has_no_fusion_path(tiny_model_config):
 
 
 def _upper(m: VideoLanguageModel, vf, tf, fuse: bool):
-    return run_lockstep(m.video.blocks[m.video_fuse_start:], m.text.layers[m.text_fuse_start:],
-                        vf.lower, vf.lower_mask, tf.lower, tf.attention_mask, vf.time_slots, fuse=fuse)
+    """The fused top layers of both towers from the states entering them: in lockstep with
+    cross-attention (fuse=True), or each tower on its own (fuse=False, the dual path)."""
+    if fuse:
+        v, t = run_lockstep(m, vf, tf)
+        return v.x, t
+    v = m.video.run_blocks(vf.lower, m.video_fuse_start)
+    t = tf.lower
+    for layer in m.text.layers[m.text_fuse_start:]:
+        t = layer(t, tf.attention_mask)
+    return v.x, t
 
 
 def test_backbone_fusion_is_identity_at_init(tiny_model_config):
     m = make_model(tiny_model_config, "backbone").eval()
     assert m.video_fuse_start == 1 and m.text_fuse_start == 1
-    gates = [m.video.blocks[1].cross.gate, m.text.layers[1].xattn.gate]
+    gates = [m.video.blocks[1].cross_attn.gate, m.text.layers[1].cross_attn.gate]
     assert all(torch.equal(g, torch.zeros(1)) for g in gates)
-    assert m.video.blocks[0].cross is None and m.text.layers[0].xattn is None
+    assert m.video.blocks[0].cross_attn is None and m.text.layers[0].cross_attn is None
     frames, fm, ids, mask = inputs()
     with torch.no_grad():
         vf, tf = m.video_features(frames, fm), m.text_features(ids, mask)
@@ -131,7 +147,7 @@ def test_backbone_gates_leave_zero_after_one_fusion_step(tiny_model_config, opti
     loss = F.cross_entropy(m.score_pairs(vf.select(vi), tf.select(ti)), labels)
     loss.backward()
     gates = {n: p for n, p in m.named_parameters() if n.endswith("gate")}
-    assert sorted(gates) == ["text.layers.1.xattn.gate", "video.blocks.1.cross.gate"]
+    assert sorted(gates) == ["text.layers.1.cross_attn.gate", "video.blocks.1.cross_attn.gate"]
     assert all(p.grad is not None and p.grad.abs().item() > 0 for p in gates.values())
     opt = torch.optim.SGD(m.parameters(), lr=1.0) if optim == "sgd" else torch.optim.AdamW(m.parameters(), lr=1e-2)
     opt.step()
@@ -261,7 +277,7 @@ def test_model_config_wires_backbone_fusion_and_round_trips(tiny_model_config):
 
 
 def test_packaged_model_configs_parse():
-    cfgs = {name: from_dict(ModelConfig, load_yaml(name), where=name)
+    cfgs = {name: from_dict(ModelConfig, load_yaml(name, "models"), where=name)
             for name in ("tiny", "small", "base", "tiny-backbone")}
     assert cfgs["tiny"].fusion.kind == "encoder" and cfgs["tiny"].text.num_layers == 2
     assert (cfgs["tiny"].video.image_size, cfgs["tiny"].video.num_frames, cfgs["tiny"].video.hidden_size) == (64, 8, 192)
@@ -276,7 +292,7 @@ def test_packaged_model_configs_parse():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-backbone"])
 def test_packaged_tiny_models_build_and_run(name):
-    m = build_model(load_yaml(name)).eval()
+    m = build_model(load_yaml(name, "models")).eval()
     assert m.cfg.text.pretrained == "minilm"
     frames = torch.randn(1, 8, 3, 64, 64)
     ids = torch.tensor([[101, 1037, 2417, 4418, 102]])
@@ -301,7 +317,7 @@ def test_count_parameters_parts_sum_to_total(tiny_model_config, kind):
     assert parts["total"] == sum(p.numel() for p in m.parameters())
     assert parts["fusion"] == sum(p.numel() for p in fusion_params(m).values())
     if kind == "encoder":
-        assert parts["fusion"] == sum(p.numel() for p in m.cross.parameters())
+        assert parts["fusion"] == sum(p.numel() for p in m.fusion.parameters())
         assert parts["video"] == sum(p.numel() for p in m.video.parameters())
     heads = [m.video_proj, m.text_proj, m.logit_scale, m.vtm_head, m.mlm_head, m.qa_head]
     assert parts["heads"] == sum(p.numel() for h in heads for p in h.parameters())
@@ -377,7 +393,7 @@ def _groups(m: VideoLanguageModel) -> dict[str, list[tuple[str, torch.nn.Paramet
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_objective_losses_and_gradients(tiny_model_config, kind):
     m = make_model(tiny_model_config, kind)
-    obj = TrainObjective(m, ObjectiveWeights())
+    obj = objective(m)
     out = obj(train_batch())
     assert set(out) == {"loss", "vtc", "vtm", "mlm", "temperature"}
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -396,19 +412,19 @@ def test_train_objective_losses_and_gradients(tiny_model_config, kind):
 
 def test_train_objective_weights_select_objectives(tiny_model_config):
     m = make_model(tiny_model_config, "encoder")
-    out = TrainObjective(m, ObjectiveWeights(vtc=2.0, vtm=0.5, mlm=0.0))(train_batch())
+    out = objective(m, vtc=2.0, vtm=0.5, mlm=0.0)(train_batch())
     assert set(out) == {"loss", "vtc", "vtm", "temperature"}
     assert out["loss"].item() == pytest.approx(2.0 * out["vtc"].item() + 0.5 * out["vtm"].item(), rel=1e-6)
-    out = TrainObjective(m, ObjectiveWeights(vtc=0.0, egonce=1.0, vtm=0.0, mlm=0.0))(train_batch())
+    out = objective(m, vtc=0.0, egonce=1.0, vtm=0.0, mlm=0.0)(train_batch())
     assert set(out) == {"loss", "egonce", "temperature"} and torch.isfinite(out["loss"])
 
 
 def test_train_objective_qa_and_mc(tiny_model_config):
     m = make_model(tiny_model_config, "encoder")
     m.set_num_answers(5)
-    out = TrainObjective(m, ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1))(train_batch())
+    out = objective(m, vtc=0, vtm=0, mlm=0, qa=1)(train_batch())
     assert set(out) == {"loss", "qa"} and out["qa"].item() == pytest.approx(1.609, abs=0.3)   # ~ ln 5
-    out = TrainObjective(m, ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=2.0))(train_batch())
+    out = objective(m, vtc=0, vtm=0, mlm=0, mc=2.0)(train_batch())
     assert set(out) == {"loss", "mc"} and out["loss"].item() == pytest.approx(2.0 * out["mc"].item())
 
 
@@ -417,9 +433,9 @@ def test_multiple_choice_scores_shape_and_option_permutation(tiny_model_config, 
     m = make_model(tiny_model_config, kind).eval()
     b = train_batch()
     with torch.no_grad():
-        s = multiple_choice_scores(m, b["frames"], b["frame_mask"], b["option_ids"], b["option_mask"])
+        s = mc_scores(m, b["frames"], b["frame_mask"], b["option_ids"], b["option_mask"])
         perm = torch.tensor([2, 0, 1])
-        sp = multiple_choice_scores(m, b["frames"], b["frame_mask"], b["option_ids"][:, perm], b["option_mask"][:, perm])
+        sp = mc_scores(m, b["frames"], b["frame_mask"], b["option_ids"][:, perm], b["option_mask"][:, perm])
     assert s.shape == (4, 3) and torch.isfinite(s).all()
     torch.testing.assert_close(sp, s[:, perm], rtol=1e-5, atol=1e-5)
     if kind == "none":   # dual only: scaled cosine similarity
@@ -429,23 +445,28 @@ def test_multiple_choice_scores_shape_and_option_permutation(tiny_model_config, 
 
 
 def test_objective_weights_validation(tiny_model_config):
-    with pytest.raises(ValueError, match="all objective weights are 0"):
-        ObjectiveWeights(vtc=0, egonce=0, vtm=0, mlm=0, qa=0, mc=0)
-    with pytest.raises(ValueError, match=r"objectives.vtm must be >= 0, got -1"):
-        ObjectiveWeights(vtm=-1)
-    with pytest.raises(ValueError, match="need a fusion model"):
-        TrainObjective(make_model(tiny_model_config, "none"), ObjectiveWeights())
-    TrainObjective(make_model(tiny_model_config, "none"), ObjectiveWeights(vtm=0, mlm=0))   # VTC alone is fine
+    m = make_model(tiny_model_config, "encoder")
+    with pytest.raises(ConfigError, match="every loss term has weight 0"):
+        objective(m, vtc=0, vtm=0)
+    with pytest.raises(ConfigError, match=r"objectives.vtm: the weight must be a number >= 0, got -1"):
+        objective(m, vtm=-1)
+    with pytest.raises(ConfigError, match=r"unknown loss term 'vtn'; did you mean 'vtm'\?"):
+        objective(m, vtn=1)
+    with pytest.raises(ConfigError, match=r"objectives.mlm: unknown option\(s\) mask_rate; this term takes: weight, mask_prob"):
+        TrainObjective.from_spec(m, {"mlm": {"weight": 1, "mask_rate": 0.2}})
+    with pytest.raises(ConfigError, match="objectives.vtm needs a fusion model"):
+        objective(make_model(tiny_model_config, "none"))
+    assert set(objective(make_model(tiny_model_config, "none"), vtc=1).terms) == {"vtc"}   # VTC alone is fine
 
 
 def test_vtc_counts_captions_of_the_same_clip_as_positives(tiny_model_config):
     """Two captions of one clip in a batch are not each other's negatives: VTC becomes the
     multi-positive InfoNCE over the same-clip mask, and equals plain VTC when every clip is distinct."""
-    from evl.objectives import egonce_loss, vtc_loss
+    from evl.losses.functional import egonce_loss, vtc_loss
 
     torch.manual_seed(0)
     m = make_model(tiny_model_config, "encoder")
-    obj = TrainObjective(m, ObjectiveWeights(vtc=1, vtm=0, mlm=0))
+    obj = objective(m, vtc=1)
     batch = train_batch()
     with torch.no_grad():
         v = m.video_features(batch["frames"], batch["frame_mask"]).emb
@@ -464,18 +485,18 @@ def test_vtc_counts_captions_of_the_same_clip_as_positives(tiny_model_config):
 def test_vtm_negatives_exclude_verb_noun_pairs_only_with_egonce(tiny_model_config, monkeypatch, egonce):
     """Rows 0 and 1 share verb and noun ("roll", "ball"): with EgoNCE on they are positives and never
     drawn as each other's VTM negatives; with EgoNCE off they are the hard negatives VTM should see."""
-    import evl.tasks.objective as objective
+    import evl.losses.terms as terms
 
     seen = {}
-    real = objective.sample_hard_negatives
+    real = terms.sample_hard_negatives
 
     def spy(sim, positive_mask=None, generator=None):
         seen["mask"] = positive_mask.clone()
         return real(sim, positive_mask=positive_mask, generator=generator)
 
-    monkeypatch.setattr(objective, "sample_hard_negatives", spy)
+    monkeypatch.setattr(terms, "sample_hard_negatives", spy)
     m = make_model(tiny_model_config, "encoder")
-    TrainObjective(m, ObjectiveWeights(vtc=1, vtm=1, mlm=0, egonce=egonce))({**train_batch(),
+    objective(m, vtc=1, vtm=1, mlm=0, egonce=egonce)({**train_batch(),
                                                                             "clip_keys": ["a", "b", "c", "d"]})
     assert bool(seen["mask"][0, 1]) == bool(egonce) and bool(seen["mask"][1, 0]) == bool(egonce)
     assert not seen["mask"][0, 2] and seen["mask"].diagonal().all()   # the pair itself is always excluded

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from evl.errors import EvlError
-from evl.objectives import (
+from evl.losses.functional import (
     HardNegatives,
     LogitScale,
     build_vtm_pairs,

@@ -31,18 +31,19 @@ def test_packaged_recipes_load_with_model_expanded(name, task):
 
 def test_packaged_recipe_values():
     p = load_recipe("pretrain-tiny")
-    assert (p.objectives.vtc, p.objectives.vtm, p.objectives.mlm) == (1.0, 1.0, 1.0)
+    assert p.objectives == {"vtc": 1.0, "vtm": 1.0, "mlm": {"weight": 1.0, "mask_prob": 0.15}}
     assert (p.train.max_steps, p.train.batch_size, p.train.lr, p.train.schedule) == (300, 32, 3e-4, "cosine")
-    assert p.train.lr_mults == {"text.": 0.3, "cross.": 1.0} and p.eval.rerank_k == 16
-    assert load_recipe("retrieval-tiny").objectives.mlm == 0.0
-    assert load_recipe("qa-tiny").train.lr_mults == {"text.": 0.3, "qa_head": 3.0}
+    assert p.train.lr_mults == {"text": 0.3} and p.eval.rerank_k == 16
+    assert load_recipe("retrieval-tiny").objectives == {"vtc": 1.0, "vtm": 1.0}
+    assert load_recipe("qa-tiny").train.lr_mults == {"text": 0.3, "qa_head": 3.0}
+    assert load_recipe("qa-tiny").objectives is None     # the task's default terms: {qa: 1}
 
 
 def test_overrides_apply_with_types():
     r = load_recipe("pretrain-tiny", ["train.lr=1e-3", "train.max_steps=7", "data.train=a.json",
                                       "objectives.mlm=0", "eval.rerank_k=0", "model.embed_dim=64"])
     assert r.train.lr == 1e-3 and isinstance(r.train.lr, float) and r.train.max_steps == 7
-    assert r.data.train == "a.json" and r.objectives.mlm == 0.0 and r.eval.rerank_k == 0
+    assert r.data.train == "a.json" and r.objectives["mlm"] == 0 and r.eval.rerank_k == 0
     assert r.model.embed_dim == 64
 
 
@@ -78,14 +79,16 @@ def test_bad_values_name_the_key():
         load_recipe("pretrain-tiny", ["train.lr=abc"])
     with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got 2\.5"):
         load_recipe("pretrain-tiny", ["train.max_steps=2.5"])
-    with pytest.raises(ConfigError, match=r"task: 'foo' is not one of \['pretrain', 'retrieval', 'qa', 'mc'\]"):
+    with pytest.raises(ConfigError, match=r"unknown task 'foo'; tasks: pretrain, retrieval, qa, mc"):
         load_recipe("pretrain-tiny", ["task=foo"])
     with pytest.raises(ConfigError, match="train.batch_size must be >= 1, got 0"):
         load_recipe("pretrain-tiny", ["train.batch_size=0"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_recipe("pretrain-tiny", ["train.lr"])
-    with pytest.raises(ConfigError, match="neither a file nor a packaged config; packaged: .*tiny"):
+    with pytest.raises(ConfigError, match="neither a file nor a packaged recipe; packaged: .*pretrain-tiny"):
         load_recipe("no-such-recipe")
+    with pytest.raises(ConfigError, match="'tiny' is a packaged model config, not a recipe"):
+        load_recipe("tiny")
 
 
 def test_run_recipe_needs_training_data():
@@ -161,7 +164,7 @@ def test_finetune_from_checkpoint_uses_its_architecture(pretrain_run, synthvl, t
                                                         test, recipe_model):
     monkeypatch.setenv("CI", "true")
     overrides = tiny_recipe(synthvl, tmp_path, task, train, test, 1, recipe_model)[:-1]   # no model= override
-    cfg = load_recipe(None, overrides + ["objectives.mlm=0"])
+    cfg = load_recipe(None, overrides)   # no objectives: the task's default terms
     assert cfg.model.video.image_size == 224          # the recipe's (default) model ...
     summary = run_recipe(cfg, init=pretrain_run[0] / "final")
     final = VideoLanguageModel.from_pretrained(tmp_path / "run" / "final")
@@ -179,7 +182,7 @@ def test_run_recipe_rejects_vocab_smaller_than_tokenizer(synthvl, tmp_path, monk
     monkeypatch.setenv("CI", "true")
     cfg = load_recipe(None, tiny_recipe(synthvl, tmp_path, "pretrain", "pretrain.json", "retrieval_test.json", 1,
                                         tiny_model_dict_factory("encoder", vocab_size=100)))
-    with pytest.raises(ConfigError, match="vocab_size"):
+    with pytest.raises(ConfigError, match="vocab_size=100; set model.text.vocab_size=30522"):
         run_recipe(cfg)
 
 
@@ -205,38 +208,58 @@ def test_retrieval_eval_does_not_depend_on_batch_size(synthvl, tiny_model_dict_f
     assert one == pytest.approx(many)
 
 
-def test_unused_parameters_are_exactly_those_without_gradient(tiny_model_dict_factory):
-    """freeze_unused must freeze what an objective mix leaves without gradient, and nothing else:
-    DDP stalls on a trainable parameter that gets no gradient, and freezing a used one stops learning."""
+def _probe_batch(seed: int):
+    import torch
+
+    b, t, length = 4, 4, 8
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (b, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1 + seed % 3] = ids[:, 1 + seed % 3]
+    return {"frames": torch.randn(b, t, 3, 32, 32, generator=g), "frame_mask": None,
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": labels,
+            "answer_ids": torch.tensor([0, 1, 2, 0]), "verbs": [[]] * b, "nouns": [[]] * b,
+            "option_ids": ids[:, None].expand(b, 2, length), "option_mask": torch.ones(b, 2, length, dtype=torch.long),
+            "answer_index": torch.tensor([0, 1, 0, 1])}
+
+
+MIXES = [{"vtc": 1}, {"vtc": 1, "vtm": 1}, {"vtc": 1, "vtm": 1, "mlm": 1}, {"qa": 1}, {"mc": 1}, {"mlm": 1},
+         {"vtm": 1}, {"egonce": 1}, {"vtc": 1, "mlm": 1}, {"egonce": 1, "mlm": 1}]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "backbone"])
+def test_probe_freezes_exactly_the_parameters_without_gradient(tiny_model_dict_factory, kind):
+    """The probe (one forward/backward) must freeze what a mix leaves without gradient and nothing
+    else — DDP stalls on a trainable parameter that gets no gradient, and freezing a used one stops
+    learning — checked on a *different* batch than the probe's. It must leave no trace (weights and
+    RNG as before). Backbone fusion with VTC + MLM and no VTM is the case name rules got wrong: the
+    last video block's cross-attention feeds nothing MLM reads."""
     import torch
 
     from evl.models.model import build_model
-    from evl.recipes import unused_parameter
-    from evl.tasks.objective import ObjectiveWeights, TrainObjective
+    from evl.train.objective import TrainObjective
+    from evl.train.probe import freeze_gradient_free
 
-    for kind in ("encoder", "backbone"):
+    for mix in MIXES:
         torch.manual_seed(0)
         model = build_model(tiny_model_dict_factory(kind, vocab_size=100))
         model.set_num_answers(3)
-        b, t, length = 4, 4, 8
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(5, 100, (b, length), generator=g)
-        labels = torch.full_like(ids, -100)
-        labels[:, 1] = ids[:, 1]
-        batch = {"frames": torch.randn(b, t, 3, 32, 32, generator=g), "frame_mask": torch.ones(b, t, dtype=torch.bool),
-                 "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": labels,
-                 "answer_ids": torch.tensor([0, 1, 2, 0]), "verbs": [[]] * b, "nouns": [[]] * b,
-                 "option_ids": ids[:, None].expand(b, 2, length), "option_mask": torch.ones(b, 2, length, dtype=torch.long),
-                 "answer_index": torch.tensor([0, 1, 0, 1])}
-        mixes = [ObjectiveWeights(vtc=1, vtm=0, mlm=0), ObjectiveWeights(vtc=1, vtm=1, mlm=0),
-                 ObjectiveWeights(), ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1),
-                 ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1), ObjectiveWeights(vtc=0, vtm=0, mlm=1),
-                 ObjectiveWeights(vtc=0, vtm=1, mlm=0), ObjectiveWeights(vtc=0, vtm=0, mlm=0, egonce=1)]
-        for w in mixes:
-            model.zero_grad(set_to_none=True)
-            TrainObjective(model, w)(batch)["loss"].backward()
-            for name, p in model.named_parameters():
-                assert (p.grad is None) == unused_parameter(name, w, model.cfg), (kind, w, name)
+        obj = TrainObjective.from_spec(model, mix)
+        before = {k: v.clone() for k, v in obj.state_dict().items()}
+        rng = torch.random.get_rng_state()
+        frozen = freeze_gradient_free(obj, lambda obj=obj: obj(_probe_batch(0))["loss"])
+        assert torch.equal(torch.random.get_rng_state(), rng)
+        assert all(torch.equal(v, before[k]) for k, v in obj.state_dict().items())
+        assert all(p.grad is None for p in obj.parameters())
+        obj(_probe_batch(1))["loss"].backward()
+        for name, p in obj.named_parameters():
+            assert (p.grad is None) == (name in frozen) == (not p.requires_grad), (kind, mix, name)
+        heads = {n.split(".")[1] for n in frozen if n.split(".")[1].endswith("_head")}
+        assert ("mlm_head" in heads) == ("mlm" not in mix), (kind, mix)
+        assert ("qa_head" in heads) == ("qa" not in mix), (kind, mix)
+        if kind == "backbone" and mix == {"vtc": 1, "mlm": 1}:
+            assert any(n.startswith("model.video.blocks.1.cross_attn.") for n in frozen)
+            assert not any(n.startswith("model.text.layers.1.cross_attn.") for n in frozen)
 
 
 def test_multiple_choice_options_carry_the_question(tmp_path):
@@ -263,7 +286,7 @@ def test_bad_video_is_replaced_and_counted(tmp_path):
     from evl.data.annotations import Record
     from evl.data.datasets import ClipSettings, VideoTextDataset
     from evl.data.video_writer import write_video
-    from evl.train_data import skip_none_collate
+    from evl.train.data import skip_none_collate
 
     write_video(tmp_path / "good.mp4", np.zeros((4, 32, 32, 3), dtype=np.uint8))
     (tmp_path / "bad.mp4").write_text("not a video")

@@ -5,7 +5,7 @@ the real VideoLanguageModel with VTC + VTM (hard-negative sampling) + MLM (rando
 SynthVL data pipeline (random frame sampling and captions) and a real SIGKILL of the process.
 
 Where the kill lands is made deterministic: for the first launch of run B only, a `sitecustomize`
-module (put on PYTHONPATH; the command line is unchanged) makes `evl.train_state.commit_dir` block
+module (put on PYTHONPATH; the command line is unchanged) makes `evl.train.state.commit_dir` block
 when it is about to commit the checkpoint of step 6. At that instant step 4's checkpoint is committed,
 metrics.jsonl already holds steps 5 and 6, and `.tmp-step_00000006` is fully written but not yet
 renamed — the worst moment for a kill. Polling for a step with a live, fast process instead would
@@ -36,7 +36,7 @@ import os
 import time
 from pathlib import Path
 
-import evl.train_state as _ts
+import evl.train.state as _ts
 
 _real_commit_dir = _ts.commit_dir
 
@@ -124,7 +124,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> N
 def test_sigkilled_and_resumed_pretrain_logs_the_same_losses(synthvl, tiny_model_dict_factory, tmp_path):
     from safetensors.torch import load_file
 
-    from evl.train_state import latest_checkpoint
+    from evl.train.state import latest_checkpoint
 
     model = _model(tiny_model_dict_factory)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
@@ -202,9 +202,9 @@ def test_sigkilled_and_resumed_pretrain_logs_the_same_losses(synthvl, tiny_model
                         for o in (out_a, out_b))
     per_epoch = len(json.loads((synthvl / "annotations" / "pretrain.json").read_text())) // BATCH
     assert 4 < per_epoch < STEPS  # the replayed steps 5-8 cross an epoch boundary
-    assert {k: state_b[k] for k in ("step", "epoch", "micro_in_epoch")} == {
-        k: state_a[k] for k in ("step", "epoch", "micro_in_epoch")} == {
-        "step": STEPS, "epoch": STEPS // per_epoch, "micro_in_epoch": STEPS % per_epoch}
+    assert {k: state_b[k] for k in ("step", "epoch", "samples_in_epoch")} == {
+        k: state_a[k] for k in ("step", "epoch", "samples_in_epoch")} == {
+        "step": STEPS, "epoch": STEPS // per_epoch, "samples_in_epoch": (STEPS % per_epoch) * BATCH}
     # every checkpoint listed after the resume is complete; the stale temporary directory is gone
     assert [p.name for p in sorted(root.glob("step_*"))] == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
     for ckpt in sorted(root.glob("step_*")):

@@ -214,6 +214,14 @@ def test_random_init_tiny_needs_no_package_files(monkeypatch):
     assert enc.embeddings.word_embeddings.weight.grad is not None
 
 
+def fused_tokens(enc: TextEncoder, ids, mask, video, video_mask=None) -> torch.Tensor:
+    """The text tower with its fused layers attending to `video` (as backbone fusion runs it)."""
+    x = enc.embed(ids)
+    for layer in enc.layers:
+        x = layer(x, mask, video, video_mask)
+    return x
+
+
 def test_fusion_gate_zero_is_identity_and_gate_switches_it_on():
     torch.manual_seed(0)
     enc = TextEncoder(tiny_cfg(fusion_layers=1, context_dim=16)).eval()
@@ -222,33 +230,20 @@ def test_fusion_gate_zero_is_identity_and_gate_switches_it_on():
     video = torch.randn(3, 5, 16)
     with torch.no_grad():
         dual = enc(ids, mask).tokens
-        fused = enc(ids, mask, context=video).tokens
+        fused = fused_tokens(enc, ids, mask, video)
         assert torch.equal(dual, fused)
-        enc.layers[1].xattn.gate.fill_(0.5)
-        fused = enc(ids, mask, context=video).tokens
+        enc.layers[1].cross_attn.gate.fill_(0.5)
+        fused = fused_tokens(enc, ids, mask, video)
         assert not torch.allclose(dual, fused)
-        assert torch.equal(enc(ids, mask).tokens, dual)  # context=None still skips cross-attention
+        assert torch.equal(enc(ids, mask).tokens, dual)  # the tower's forward is the dual path
         # masked-out video tokens do not influence the result
         video_mask = torch.ones(3, 5, dtype=torch.long)
         video_mask[:, 3:] = 0
         altered = video.clone()
         altered[:, 3:] = 100.0
-        a = enc(ids, mask, context=video, context_mask=video_mask).tokens
-        b = enc(ids, mask, context=altered, context_mask=video_mask).tokens
+        a = fused_tokens(enc, ids, mask, video, video_mask)
+        b = fused_tokens(enc, ids, mask, altered, video_mask)
         assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_lockstep_pieces_reproduce_forward():
-    enc = TextEncoder(tiny_cfg(fusion_layers=2, context_dim=8)).eval()
-    ids, mask = random_batch()
-    video = torch.randn(3, 4, 8)
-    with torch.no_grad():
-        for layer in enc.layers:
-            layer.xattn.gate.fill_(0.3)
-        x = enc.embed(ids)
-        for layer in enc.layers:
-            x = layer(x, mask, video, None)
-        assert torch.allclose(x, enc(ids, mask, context=video).tokens)
 
 
 def test_pretrained_fusion_layers_keep_init_and_identity(minilm, tokenizer):
@@ -256,7 +251,7 @@ def test_pretrained_fusion_layers_keep_init_and_identity(minilm, tokenizer):
     batch = tokenizer(SENTENCES[:4], max_length=24)
     with torch.no_grad():
         a = minilm(batch.input_ids, batch.attention_mask).tokens
-        b = fused(batch.input_ids, batch.attention_mask, context=torch.randn(4, 3, 16)).tokens
+        b = fused_tokens(fused, batch.input_ids, batch.attention_mask, torch.randn(4, 3, 16))
     assert torch.equal(a, b)
 
 
@@ -270,9 +265,6 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'num_layers'"):
         from_dict(TextEncoderConfig, {"num_layer": 2})
     enc = TextEncoder(tiny_cfg())
-    ids, mask = random_batch()
-    with pytest.raises(ValueError, match="no fusion layers"):
-        enc(ids, mask, context=torch.randn(3, 2, 32))
     with pytest.raises(ValueError, match="64 positions"):
         enc(torch.ones(1, 65, dtype=torch.long))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evl.checkpoint import load_model_state
-from evl.train import Trainer
+from evl.train.trainer import Trainer
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 ROOT = Path(__file__).resolve().parents[1]

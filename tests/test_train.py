@@ -11,12 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-import evl.train_state as train_state
+import evl.train.state as train_state
 from evl.checkpoint import load_model_state, read_config
 from evl.errors import CheckpointError, ConfigError
-from evl.train import Callback, NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint, unwrap_model
-from evl.train_data import GlobalBatchSampler, skip_none_collate
-from evl.train_optim import build_param_groups, lr_factor
+from evl.train.data import GlobalBatchSampler, skip_none_collate
+from evl.train.optim import build_param_groups, lr_factor
+from evl.train.trainer import (
+    Callback,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    unwrap_model,
+)
 
 
 class NoisyData(torch.utils.data.Dataset):
@@ -138,7 +145,7 @@ def test_checkpoint_contents_are_pickle_free_and_loadable(tmp_path):
     assert read_config(ckpt) == {"width": 16}
     assert load_model_state(DropoutModel(), ckpt).ok
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["micro_in_epoch"]) == (5, 0, 10)
+    assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (5, 0, 40)
 
 
 def test_resume_with_other_global_batch_is_refused(tmp_path):
@@ -165,7 +172,7 @@ def test_lr_schedule_values_at_known_steps():
 
 def test_lr_multipliers_and_no_decay_groups():
     model = make_model()
-    groups = build_param_groups(model, weight_decay=0.05, lr_mults={"cross": 4.0, "head": 2.0})
+    groups = build_param_groups(model, weight_decay=0.05, lr_mults={"cross_attn": 4.0, "head": 2.0})
     where = {name: (g["lr_mult"], g["weight_decay"]) for g in groups for name in g["param_names"]}
     assert where == {
         "body.weight": (1.0, 0.05), "body.bias": (1.0, 0.0),
@@ -323,7 +330,7 @@ def test_train_config_from_dict_is_strict():
 
 
 def test_logger_progress_bar_and_plain_lines(tmp_path, capsys):
-    from evl.train_log import MetricsLogger
+    from evl.train.log import MetricsLogger
 
     bar = MetricsLogger(tmp_path / "bar", max_steps=3, start_step=0, log_every=2, progress_bar=True)
     for s in (1, 2, 3):

@@ -79,7 +79,7 @@ def test_keep_index_equals_attention_restricted_to_kept_tokens():
     keep = torch.stack([torch.randperm(32, generator=g)[:11] for _ in range(2)])
     with torch.no_grad():
         dropped = enc(frames, keep_index=keep).tokens
-        x, _ = enc.embed(frames)
+        x = enc.embed(frames).x
         key_mask = torch.zeros(2, 33, dtype=torch.bool)
         key_mask[:, 0] = True
         key_mask.scatter_(1, keep + 1, True)
@@ -173,39 +173,54 @@ def fusion_encoder(attention: str) -> VideoEncoder:
     return make(attention=attention, fusion_layers=1, context_dim=24)
 
 
+def fused_tokens(enc: VideoEncoder, frames, text, text_mask=None, frame_mask=None) -> torch.Tensor:
+    """The tower with its fused blocks attending to `text`, through the one block loop."""
+    return enc.finalize(enc.run_blocks(enc.embed(frames, frame_mask), context=text, context_mask=text_mask).x)
+
+
 @pytest.mark.parametrize("attention", ["joint", "divided"])
 def test_fusion_gate_zero_is_exact_identity(attention):
     enc = fusion_encoder(attention)
-    assert enc.blocks[0].cross is None and enc.blocks[1].cross is not None
+    assert enc.blocks[0].cross_attn is None and enc.blocks[1].cross_attn is not None
     frames = clip()
     text = torch.randn(2, 5, 24)
     text_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with torch.no_grad():
         dual = enc(frames).tokens
-        fused = enc(frames, context=text, context_mask=text_mask).tokens
+        fused = fused_tokens(enc, frames, text, text_mask)
         assert torch.equal(dual, fused)
-        enc.blocks[1].cross.gate.fill_(0.5)
-        fused = enc(frames, context=text, context_mask=text_mask).tokens
+        enc.blocks[1].cross_attn.gate.fill_(0.5)
+        fused = fused_tokens(enc, frames, text, text_mask)
         assert not torch.allclose(dual, fused)
-        assert torch.equal(enc(frames).tokens, dual)  # context=None skips cross-attention entirely
+        assert torch.equal(enc(frames).tokens, dual)  # the tower's forward is the dual path
         # text padding is masked: changing padded text tokens changes nothing
         text2 = text.clone()
         text2[0, 3:] = 100.0
-        torch.testing.assert_close(enc(frames, context=text2, context_mask=text_mask).tokens, fused)
+        torch.testing.assert_close(fused_tokens(enc, frames, text2, text_mask), fused)
 
 
-def test_lockstep_pieces_match_forward():
+def test_block_loop_in_pieces_matches_one_call_and_hooks_run_once():
+    """Backbone fusion runs the tower block by block; that must equal one call, and a hook placed
+    before a block (or after the last) must run exactly once either way."""
     enc = fusion_encoder("divided")
     frames, text = clip(), torch.randn(2, 5, 24)
+    calls = []
+
+    def hook(tokens):
+        calls.append(tokens.x.shape[1])
+        return tokens.replace(x=tokens.x * 1.5)
+
+    hooks = {1: [hook], 2: [hook]}
     with torch.no_grad():
-        enc.blocks[1].cross.gate.fill_(1.0)
-        ref = enc(frames, context=text).tokens
-        x, key_mask = enc.embed(frames)
-        for blk in enc.blocks:
-            x = blk(x, key_mask, context=text, time_slots=enc.num_time_slots(frames))
-        torch.testing.assert_close(enc.finalize(x), ref)
+        enc.blocks[1].cross_attn.gate.fill_(1.0)
+        ref = enc.run_blocks(enc.embed(frames), context=text, hooks=hooks).x
+        tokens = enc.embed(frames)
+        for i in range(len(enc.blocks)):
+            tokens = enc.run_blocks(tokens, i, i + 1, context=text, hooks=hooks)
+        torch.testing.assert_close(tokens.x, ref)
+        assert len(calls) == 4   # two hooks, two runs
         with pytest.raises(ValueError, match="time_slots"):
-            enc.blocks[0](x, key_mask)
+            enc.blocks[0](tokens.x, tokens.key_mask)
 
 
 @pytest.mark.parametrize("attention", ["joint", "divided"])
@@ -214,14 +229,14 @@ def test_grad_checkpointing_same_outputs_and_grads(attention):
     ckpt = make(attention=attention, fusion_layers=1, grad_checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
     for enc in (plain, ckpt):
-        enc.blocks[1].cross.gate.data.fill_(0.3)
+        enc.blocks[1].cross_attn.gate.data.fill_(0.3)
     frames, text = clip(), torch.randn(2, 3, 32)
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
     outs = []
     for enc in (plain, ckpt):
-        out = enc(frames, frame_mask=mask, context=text)
-        (out.tokens.square().mean() + out.cls.sum()).backward()
-        outs.append((out.tokens.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
+        tokens = enc.finalize(enc.run_blocks(enc.embed(frames, mask), context=text).x)
+        (tokens.square().mean() + tokens[:, 0].sum()).backward()
+        outs.append((tokens.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(outs[0][0], outs[1][0])
     assert outs[0][1].keys() == outs[1][1].keys()
     for name, grad in outs[0][1].items():

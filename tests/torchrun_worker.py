@@ -12,7 +12,7 @@ import sys
 import torch
 from torch import nn
 
-from evl.train import Callback, TrainConfig, Trainer
+from evl.train.trainer import Callback, TrainConfig, Trainer
 
 
 class ToyData(torch.utils.data.Dataset):

@@ -49,13 +49,16 @@ def data_check(
     annotation: Path = typer.Argument(..., help="Annotation file (json/csv/tsv)."),
     videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
     fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected). See `evl data formats`."),
+    split: str | None = typer.Option(None, "--split", metavar="NAME",
+                                     help="Check only this split; for formats that carry splits, e.g. "
+                                     "MSRVTT_data.json: train, validate, test."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Parse an annotation file, check every referenced video exists and decodes, print a summary."""
     from evl.data.check import check_annotations, format_summary
 
     try:
-        summary = check_annotations(annotation, videos_dir=videos, fmt=fmt)
+        summary = check_annotations(annotation, videos_dir=videos, fmt=fmt, split=split)
     except EvlError as e:
         _fail(e)
     typer.echo(json.dumps(summary) if as_json else format_summary(summary))
@@ -91,7 +94,7 @@ def bench_model(
             raise ValueError(f"--batch-sizes must list positive integers, got {batch_sizes!r}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
-        model = build_model(load_yaml(config))
+        model = build_model(load_yaml(config, "models"))
         report = efficiency_report(model, config, frames=frames, batch_sizes=sizes, repeats=repeats,
                                    device=device, precision=precision)
     except (EvlError, ValueError) as e:
@@ -144,6 +147,7 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Annotation file of the evaluation split."),
     videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
     fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),
+    split: str | None = typer.Option(None, "--split", help="For files that carry splits (MSRVTT_data.json): train, validate or test."),
     frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the model's)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass."),
     rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off)."),
@@ -153,15 +157,15 @@ def evaluate(
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
     import torch
 
-    from evl.data.text import Tokenizer
+    from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
     from evl.recipes import evaluate_checkpoint_model, find_answer_vocab
     from evl.tasks.evaluate import EvalSettings
     from evl.tasks.qa import AnswerVocab
+    from evl.tasks.registry import get_task
 
     try:
-        if task not in ("retrieval", "qa", "mc"):
-            raise EvlError(f"--task must be retrieval, qa or mc; got {task!r}")
+        spec = get_task(task)
         if not (checkpoint / "config.json").is_file():
             raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
         if not data.is_file():
@@ -170,15 +174,15 @@ def evaluate(
             raise EvlError(f"--device {device}: CUDA is not available in this torch build/machine; use --device cpu")
         model = VideoLanguageModel.from_pretrained(checkpoint)
         vocab = None
-        if task == "qa":
+        if spec.uses_answer_vocab:
             vocab_file = find_answer_vocab(checkpoint)
             if vocab_file is None:
                 raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
                                "for QA (task=qa)")
             vocab = AnswerVocab.from_json(vocab_file.read_text())
         settings = EvalSettings(batch_size=batch_size, rerank_k=rerank_k, device=device)
-        metrics = evaluate_checkpoint_model(model, task, data, videos, Tokenizer.from_pretrained("minilm"),
-                                            settings, vocab=vocab, fmt=fmt, num_frames=frames)
+        metrics = evaluate_checkpoint_model(model, task, data, videos, tokenizer_for(model.cfg, checkpoint),
+                                            settings, vocab=vocab, fmt=fmt, num_frames=frames, split=split)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:

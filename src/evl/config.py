@@ -164,23 +164,46 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_KINDS = {"models": "model config", "recipes": "recipe"}
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a packaged config (`tiny`, `evl/configs/tiny.yaml`)."""
+def packaged_configs(kind: str) -> list[str]:
+    """Names of the packaged configs of one kind ("models" or "recipes")."""
+    return sorted(f.stem for f in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path, kind: str = "recipes") -> Path:
+    """A path to a YAML file, or the name of a packaged config of `kind` (`tiny` in configs/models/,
+    `pretrain-tiny` in configs/recipes/). A packaged name of the other kind is an error that says so,
+    because a model config passed where a recipe is expected fails later with a puzzling unknown key."""
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"config kind must be one of {sorted(CONFIG_KINDS)}, got {kind!r}")
     p = Path(name_or_path)
     if p.is_file():
         return p
-    packaged = CONFIG_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    stem = p.stem if p.suffix in (".yaml", ".yml") else p.name
+    packaged = CONFIG_DIR / kind / f"{stem}.yaml"
     if packaged.is_file():
         return packaged
-    names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a packaged config; packaged: {', '.join(names)}")
+    names = packaged_configs(kind)
+    for other, label in CONFIG_KINDS.items():
+        if other != kind and (CONFIG_DIR / other / f"{stem}.yaml").is_file():
+            raise ConfigError(f"{stem!r} is a packaged {label}, not a {CONFIG_KINDS[kind]}; "
+                              f"packaged {CONFIG_KINDS[kind]}s: {', '.join(names)}"
+                              + (f" (a recipe picks its model with `model: {stem}` or the override model={stem})"
+                                 if other == "models" else ""))
+    close = difflib.get_close_matches(stem, names, n=1, cutoff=0.5)
+    raise ConfigError(f"{CONFIG_KINDS[kind]} {str(name_or_path)!r} is neither a file nor a packaged "
+                      f"{CONFIG_KINDS[kind]}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                      f"packaged: {', '.join(names)}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a file may name a `base:` config whose keys it overrides."""
-    path = resolve_config_path(path)
+def load_yaml(path: str | Path, kind: str = "recipes", _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; a file may name a `base:` config (same kind) whose keys it overrides."""
+    path = resolve_config_path(path, kind)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(s) for s in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: `base:` refers back to itself ({chain}); remove the cycle")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -190,12 +213,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        data = deep_merge(load_yaml(base_path if base_path.is_file() else base), data)
+        data = deep_merge(load_yaml(base_path if base_path.is_file() else base, kind,
+                                    (*_seen, path.resolve())), data)
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (or packaged name) + `key=value` overrides → typed config `cls`."""
-    data = load_yaml(path) if path is not None else {}
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                kind: str = "recipes") -> T:
+    """YAML file (or packaged name of `kind`) + `key=value` overrides → typed config `cls`."""
+    data = load_yaml(path, kind) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where=str(path) if path is not None else "config")

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evl.models.model import VideoLanguageModel
 
-FUSION_MARKERS = (".cross.", ".xattn.")
+FUSION_MARKERS = (".cross_attn.",)
 
 
 def count_parameters(model: VideoLanguageModel) -> dict[str, int]:
@@ -26,7 +26,7 @@ def count_parameters(model: VideoLanguageModel) -> dict[str, int]:
     """
     parts = {"video": 0, "text": 0, "fusion": 0, "heads": 0}
     for name, p in model.named_parameters():
-        if name.startswith("cross.") or any(m in name for m in FUSION_MARKERS):
+        if name.startswith("fusion.") or any(m in name for m in FUSION_MARKERS):
             part = "fusion"
         elif name.startswith("video."):
             part = "video"

@@ -26,7 +26,7 @@ def _recipe(name: str, data_dir: Path, out_dir: Path, split_files: tuple[str, st
 
     ann = data_dir / "annotations"
     overrides = [f"data.train={ann / split_files[0]}", f"data.test={ann / split_files[1]}",
-                 f"data.videos={data_dir / 'videos'}", f"train.out_dir={out_dir}", "train.precision=bf16"]
+                 f"data.videos={data_dir / 'videos'}", f"train.out_dir={out_dir}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     return load_recipe(name, overrides + (extra or []))
@@ -45,10 +45,13 @@ def plot_curves(stages: dict[str, Path], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evl.losses import term_names
+
+    plotted = {"loss", *term_names()}
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
     for ax, (name, run_dir) in zip(axes[0], stages.items(), strict=True):
         rows = [r for r in _read_metrics(run_dir / "metrics.jsonl") if "step" in r]
-        keys = sorted({k for r in rows for k in r if k in ("loss", "vtc", "vtm", "mlm", "qa", "mc", "egonce")})
+        keys = sorted({k for r in rows for k in r if k in plotted})
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
@@ -87,6 +90,10 @@ def format_table(report: dict) -> str:
     lines.append(f"{'params':24s} {eff['params']['total'] / 1e6:.1f} M (video {eff['params']['video'] / 1e6:.1f}, "
                  f"text {eff['params']['text'] / 1e6:.1f}, fusion {eff['params']['fusion'] / 1e6:.1f})")
     lines.append(f"{'GFLOPs / clip':24s} dual {eff['gflops_dual']:.2f}   fusion path {eff['gflops_fusion']:.2f}")
+    m = report.get("machine", {})
+    if m:
+        lines.append(f"{'machine':24s} {m.get('model', '?')}, {m.get('cores', '?')} cores, {m.get('capability', '?')}; "
+                     f"training precision {m.get('precision', '?')}")
     t = report["time_s"]
     lines.append(f"{'time (s)':24s} synth {t['synth']:.0f}   pretrain {t['pretrain']:.0f}   retrieval ft "
                  f"{t['retrieval']:.0f}   QA ft {t['qa']:.0f}   eval {t['eval']:.0f}   total {t['total']:.0f}")
@@ -120,9 +127,10 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
                    retrieval_steps: int | None = None, qa_steps: int | None = None) -> dict:
     from evl.data.check import check_annotations
     from evl.data.synthetic import write_synthvl
-    from evl.data.text import Tokenizer
+    from evl.data.text import tokenizer_for
     from evl.efficiency import count_parameters, gflops_per_clip
     from evl.models.model import VideoLanguageModel
+    from evl.precision import cpu_info
     from evl.recipes import evaluate_checkpoint_model, run_recipe
 
     if clips < 60:
@@ -164,10 +172,10 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     from evl.tasks.evaluate import EvalSettings
     from evl.tasks.qa import AnswerVocab
 
-    tok = Tokenizer.from_pretrained("minilm")
     settings = EvalSettings(batch_size=32, rerank_k=16)
     ann, videos = data / "annotations", data / "videos"
     ret_model = VideoLanguageModel.from_pretrained(ret["checkpoint"])
+    tok = tokenizer_for(ret_model.cfg, ret["checkpoint"])
     retrieval = evaluate_checkpoint_model(ret_model, "retrieval", ann / "retrieval_test.json", videos, tok, settings)
     mc = evaluate_checkpoint_model(ret_model, "mc", ann / "mc_test.json", videos, tok, settings)
     qa_model = VideoLanguageModel.from_pretrained(qa["checkpoint"])
@@ -187,6 +195,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
         "compositional": compositional,
         "model": to_dict(ret_model.cfg),
         "time_s": times,
+        "machine": {**cpu_info(), "precision": pre["precision"], "precision_reason": pre["precision_reason"]},
         "checks": {
             "t2v_r1_over_chance": retrieval["t2v_r1"] / retrieval["chance_r1"],
             "qa_over_majority": qa_metrics["accuracy"] / max(qa_metrics["baseline"]["accuracy"], 1e-9),

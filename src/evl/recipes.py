@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.data.annotations import read_annotations
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
 from evl.errors import ConfigError
 from evl.models.model import ModelConfig, VideoLanguageModel
-from evl.tasks.evaluate import EvalSettings, evaluate_mc, evaluate_qa, evaluate_retrieval
-from evl.tasks.objective import ObjectiveWeights, TrainObjective
-from evl.train import TrainConfig, Trainer
+from evl.tasks.evaluate import EvalSettings
+from evl.tasks.registry import ANSWERS_FILE, get_task
+from evl.train.objective import TrainObjective
+from evl.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
-
-Task = Literal["pretrain", "retrieval", "qa", "mc"]
-ANSWERS_FILE = "answers.json"
 
 
 @dataclass
@@ -37,25 +36,31 @@ class DataConfig:
     test: str | None = None
     videos: str | None = None          # folder video paths are relative to (default: guessed per file)
     format: str | None = None
+    split: str | None = None           # for files that carry splits (MSRVTT_data.json): train | validate | test
+    test_split: str | None = None      # the split data.test is read with (files that carry splits)
     num_frames: int | None = None      # default: the model's video.num_frames
     max_text_len: int = 32
-    mlm_prob: float = 0.15
     backend: Literal["pyav", "decord"] = "pyav"
 
 
 @dataclass
 class RecipeConfig:
-    task: Task = "pretrain"
+    """`objectives`: loss term → weight (or {weight, options}); None = the task's default terms."""
+
+    task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    objectives: dict[str, Any] | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        get_task(self.task)   # an unknown task is an error now, not after the data is read
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded."""
-    data = _expand_model(load_yaml(path) if path is not None else {})
+    data = _expand_model(load_yaml(path, "recipes") if path is not None else {})
     # expand `model: name` before *and* after merging, so `model.video.num_layers=2` refines the named
     # model and `model=small` replaces it
     data = _expand_model(deep_merge(data, parse_overrides(overrides or [])))
@@ -66,24 +71,16 @@ def _expand_model(data: dict) -> dict:
     """`model: tiny` or `model: {name: tiny, ...}` → the packaged model config's mapping (+ the rest)."""
     model = data.get("model", {})
     if isinstance(model, str):
-        data["model"] = load_yaml(model)
+        data["model"] = load_yaml(model, "models")
     elif isinstance(model, dict) and isinstance(model.get("name"), str):
         rest = {k: v for k, v in model.items() if k != "name"}
-        data["model"] = deep_merge(load_yaml(model["name"]), rest)
+        data["model"] = deep_merge(load_yaml(model["name"], "models"), rest)
     return data
 
 
-def _text_mode(task: str) -> str:
-    return {"pretrain": "caption", "retrieval": "caption", "qa": "question", "mc": "none"}[task]
-
-
-def _weights_for(cfg: RecipeConfig) -> ObjectiveWeights:
-    """The recipe's weights for pre-training/retrieval; QA and MC train their own head loss only."""
-    if cfg.task == "qa":
-        return ObjectiveWeights(vtc=0, vtm=0, mlm=0, qa=1)
-    if cfg.task == "mc":
-        return ObjectiveWeights(vtc=0, vtm=0, mlm=0, mc=1)
-    return cfg.objectives
+def objectives_of(cfg: RecipeConfig) -> dict[str, Any]:
+    """The recipe's loss terms, or its task's default ones."""
+    return cfg.objectives if cfg.objectives is not None else dict(get_task(cfg.task).objectives)
 
 
 def _loss(module, batch):
@@ -99,7 +96,7 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     process group is opened here (the Trainer reuses it), so that after training rank 0 alone saves
     and evaluates the final model.
     """
-    from evl.train_dist import init_distributed
+    from evl.train.dist import init_distributed
 
     ctx = init_distributed(cfg.train.device)
     try:
@@ -108,27 +105,16 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
         ctx.close()
 
 
-def _check_task_records(task: str, records: list, path: str) -> None:
-    """Fail before training when the annotation cannot serve the task (e.g. a QA file for retrieval)."""
-    need = {"pretrain": ("captions", "a caption"), "retrieval": ("captions", "a caption"),
-            "qa": ("question", "a question and an answer"), "mc": ("options", "answer options")}[task]
-    bad = next((r for r in records if not getattr(r, need[0]) or (task == "qa" and r.answer is None)
-                or (task == "mc" and r.answer_index is None)), None)
-    if bad is not None:
-        raise ConfigError(f"{bad.source or path}: task={task} needs {need[1]} in every record; this one has none "
-                          f"(kind {bad.kind!r}). Use an annotation file of that task or set task=...")
-
-
 def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool) -> dict:
     import torch
 
-    from evl.data.text import Tokenizer
+    from evl.data.text import tokenizer_for, tokenizer_source
     from evl.tasks.qa import AnswerVocab
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: set it to an annotation file (e.g. data.train=runs/x/annotations/pretrain.json)")
+    task = get_task(cfg.task)
     out_dir = Path(cfg.train.out_dir)
-    tokenizer = Tokenizer.from_pretrained("minilm")
     # seed before building: every rank (and a 1-process run) starts from the same initial weights,
     # and a run is reproducible from its recipe alone
     torch.manual_seed(cfg.train.seed)
@@ -141,50 +127,47 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
         cfg.model = model.cfg
     else:
         model = VideoLanguageModel(cfg.model)
-    if model.cfg.text.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.text.vocab_size={model.cfg.text.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tokenizer.vocab_size}, the packaged MiniLM/BERT-uncased vocab); "
-                          f"set model.text.vocab_size={tokenizer.vocab_size}")
+        model.cfg.text.tokenizer = tokenizer_source(model.cfg.text)   # recorded in every checkpoint
+    tokenizer = tokenizer_for(model.cfg, init)
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
     if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
                           f"video.tubelet_size={model.cfg.video.tubelet_size}")
     clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
-    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, _text_mode(cfg.task), cfg.data.format,
-                                          replace_bad=8)
-    _check_task_records(cfg.task, train_ds.records, cfg.data.train)
+    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, task.text, cfg.data.format,
+                                          replace_bad=8, split=cfg.data.split)
+    task.check_records(train_ds.records, cfg.data.train)
     vocab = None
-    if cfg.task == "qa":
+    if task.uses_answer_vocab:
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)
         model.set_num_answers(len(vocab))
         if is_main:   # beside the run, so intermediate checkpoints can be evaluated too
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
-    weights = _weights_for(cfg)
-    mlm_prob = cfg.data.mlm_prob if weights.mlm else 0.0
-    collate = Collator(tokenizer, cfg.data.max_text_len, mlm_prob=mlm_prob, answer_vocab=vocab)
-    frozen = freeze_unused(model, weights)
-    if frozen:
-        log.info("objectives %s do not use %d parameter tensors; frozen for this run", weights, frozen)
-    trainer = Trainer(TrainObjective(model, weights), _loss, train_ds, cfg.train, collate_fn=collate,
+    objective = TrainObjective.from_spec(model, objectives_of(cfg), tokenizer)
+    collate = Collator(tokenizer, cfg.data.max_text_len, answer_vocab=vocab, transforms=objective.batch_transforms())
+    trainer = Trainer(objective, _loss, train_ds, cfg.train, collate_fn=collate,
                       model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)})
     result = trainer.fit(resume=resume)
-    summary = {"task": cfg.task, "steps": result.steps, "final_losses": result.final_losses,
-               "train_time_s": result.wall_time_s, "skipped_samples": result.skipped_samples,
-               "nonfinite_steps": result.nonfinite_steps}
+    summary = {"task": cfg.task, "objectives": objective.weights, "steps": result.steps,
+               "final_losses": result.final_losses, "train_time_s": result.wall_time_s,
+               "skipped_samples": result.skipped_samples, "nonfinite_steps": result.nonfinite_steps,
+               "precision": trainer.precision.name, "precision_reason": trainer.precision.reason}
     if not is_main:
         return summary
     if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
         model = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
     final = out_dir / "final"
     model.save_pretrained(final)
+    shutil.copyfile(tokenizer.source / "tokenizer.json", final / "tokenizer.json")
     if vocab is not None:
         (final / ANSWERS_FILE).write_text(vocab.to_json())
     summary["checkpoint"] = str(final)
     if evaluate and cfg.data.test:
         summary["test"] = evaluate_checkpoint_model(model, cfg.task, cfg.data.test, cfg.data.videos, tokenizer,
                                                     cfg.eval, vocab=vocab, fmt=cfg.data.format,
-                                                    train_records=train_ds.records, num_frames=num_frames)
+                                                    train_records=train_ds.records, num_frames=num_frames,
+                                                    split=cfg.data.test_split)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -211,60 +194,16 @@ def find_answer_vocab(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def unused_parameter(name: str, w: ObjectiveWeights, model_cfg: ModelConfig | None = None) -> bool:
-    """True when no enabled objective sends a gradient to parameter `name`.
-
-    DDP waits for a gradient for every trainable parameter; one that never gets one (e.g. the MLM head
-    in retrieval fine-tuning) stalls the reduction, so such parameters are frozen instead.
-    """
-    fusion = w.vtm or w.mlm or w.qa or w.mc
-    video_output_used = w.vtc or w.egonce or w.vtm or w.qa or w.mc
-    if model_cfg is not None and model_cfg.fusion.kind == "backbone" and not video_output_used:
-        # MLM alone reads only the fused *text* tokens: the last video block's output (and the final
-        # norm) feed nothing, since each text layer attends to the video state *before* that block
-        last = f"video.blocks.{model_cfg.video.num_layers - 1}."
-        if name.startswith((last, "video.norm.")):
-            return True
-    if name.startswith("cross.") or ".cross." in name or ".xattn." in name:
-        return not fusion
-    if name.startswith("mlm_head."):
-        return not w.mlm
-    if name.startswith("vtm_head."):
-        return not (w.vtm or w.mc)
-    if name.startswith("qa_head."):
-        return not w.qa
-    if name.startswith(("video_proj.", "text_proj.", "logit_scale.")):
-        return not (w.vtc or w.egonce or w.mc)
-    return False
-
-
-def freeze_unused(model: VideoLanguageModel, w: ObjectiveWeights) -> int:
-    """Set requires_grad=False on the parameters the objectives do not train; returns how many."""
-    n = 0
-    for name, p in model.named_parameters():
-        if unused_parameter(name, w, model.cfg):
-            p.requires_grad_(False)
-            n += 1
-    return n
-
-
 def evaluate_checkpoint_model(model: VideoLanguageModel, task: str, annotation: str | Path,
                               videos: str | Path | None, tokenizer, settings: EvalSettings, vocab=None,
-                              fmt: str | None = None, train_records=None, num_frames: int | None = None) -> dict:
-    """Run the evaluation of `task` ("retrieval"/"pretrain" → retrieval, "qa", "mc") on an annotation file."""
+                              fmt: str | None = None, train_records=None, num_frames: int | None = None,
+                              split: str | None = None) -> dict:
+    """Evaluate `model` on an annotation file for `task` (pretrain/retrieval → retrieval, qa, mc)."""
     from evl.data.check import guess_videos_dir
 
-    if task not in ("retrieval", "pretrain", "qa", "mc"):
-        raise ConfigError(f"unknown task {task!r}; expected retrieval, qa or mc")
-    records = read_annotations(annotation, fmt)
-    _check_task_records(task, records, str(annotation))
+    spec = get_task(task)
+    records = read_annotations(annotation, fmt, split=split)
+    spec.check_records(records, str(annotation))
     videos = videos if videos is not None else guess_videos_dir(annotation, records)
-    if task in ("retrieval", "pretrain"):
-        return evaluate_retrieval(model, records, videos, tokenizer, settings, num_frames)
-    if task == "qa":
-        if vocab is None:
-            raise ConfigError("QA evaluation needs the answer vocabulary saved beside the checkpoint (answers.json)")
-        return evaluate_qa(model, records, videos, tokenizer, vocab, settings, train_records, num_frames)
-    if task == "mc":
-        return evaluate_mc(model, records, videos, tokenizer, settings, num_frames)
-    raise ConfigError(f"unknown task {task!r}; expected retrieval, qa or mc")
+    return spec.evaluate(model, records, videos, tokenizer, settings,
+                         {"vocab": vocab, "train_records": train_records, "num_frames": num_frames})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import difflib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -309,13 +310,19 @@ def _msrvtt_records(data: Any, path: Path) -> list[Record]:
     videos = _rows_list(data["videos"], path, "'videos'")
     sentences = _rows_list(data["sentences"], path, "'sentences'")
     records: dict[str, Record] = {}
+    first_row: dict[str, int] = {}
     for i, row in enumerate(videos, start=1):
         where = _Row(path, i, label="videos row")
         if not isinstance(row, dict):
             raise where.error("videos[]", row, "an object with 'video_id'")
         vid = _text(_get(row, "video_id", where), "video_id", where)
-        records[vid] = Record(video=_with_ext(vid), source=f"{path}:videos[{i}]",
-                              meta={**_meta(row, {"video_id"}), "video_id": vid, "sen_ids": []})
+        if vid in first_row:  # a second entry would silently replace the first, split included
+            raise where.error("video_id", vid, f"a video_id listed once (already at videos row {first_row[vid]})")
+        first_row[vid] = i
+        meta = {**_meta(row, {"video_id", "split"}), "video_id": vid, "sen_ids": []}
+        if row.get("split") is not None:
+            meta["split"] = _text(row["split"], "split", where)
+        records[vid] = Record(video=_with_ext(vid), source=f"{path}:videos[{i}]", meta=meta)
     for i, row in enumerate(sentences, start=1):
         where = _Row(path, i, label="sentences row")
         if not isinstance(row, dict):
@@ -548,13 +555,93 @@ def detect_format(path: str | Path) -> str:
                           "expected .json, .jsonl, .csv or .tsv (or pass the format explicitly)")
 
 
-def read_annotations(path: str | Path, fmt: str | None = None) -> list[Record]:
-    """Read any supported annotation file into Records; `fmt` (a `FORMATS` name) skips detection."""
-    return read_annotations_with_format(path, fmt)[1]
+# Formats whose files carry each record's split, and where; `read_annotations(..., split=...)` selects on
+# it (stored as `record.meta["split"]`). The other formats ship one file per split (NExT-QA train/val/test
+# CSVs, STAR_train/val.json, WebVid's results_*_train/val.csv, LAVIS/VindLU per-split JSONs).
+SPLIT_FIELDS: dict[str, str] = {"msrvtt": "the 'split' of each entry in 'videos'"}
+
+NO_SPLIT = "(none)"  # `split_sizes` key for records without a split in a file where others have one
 
 
-def read_annotations_with_format(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record]]:
-    """Like `read_annotations`, also returning the format name used (for reports such as `evl data check`).
+def split_sizes(records: list[Record], fmt: str) -> dict[str, dict[str, int]]:
+    """{split: {"records": n, "videos": distinct videos}} in file order, for formats that carry splits;
+    {} for the others (a stray 'split' key in their rows' meta is not a split)."""
+    if fmt not in SPLIT_FIELDS or not any("split" in r.meta for r in records):
+        return {}
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(str(r.meta.get("split", NO_SPLIT)), []).append(r)
+    return {name: {"records": len(rs), "videos": len({r.video for r in rs})} for name, rs in groups.items()}
+
+
+def _nearest_split(name: str, names: list[str]) -> str | None:
+    """The split a user most likely meant: same name in another case, a prefix ('val' → 'validate',
+    'training' → 'train'), else the closest spelling."""
+    folded = name.strip().lower()
+    for n in names:
+        if n.lower() == folded:
+            return n
+    if len(folded) >= 3:
+        for n in names:
+            if n.lower().startswith(folded) or folded.startswith(n.lower()):
+                return n
+    close = difflib.get_close_matches(folded, [n.lower() for n in names], n=1, cutoff=0.5)
+    return next((n for n in names if close and n.lower() == close[0]), None)
+
+
+def select_split(records: list[Record], split: str, path: str | Path, fmt: str) -> list[Record]:
+    """The records of `split`, matched exactly. Errors (each says what to do): a format that carries no
+    splits, a file whose entries lack the split field, an unknown name (listing the file's splits with
+    their sizes and the nearest name), a split with no annotated records. Training on the wrong split is
+    worse than not training, so nothing here guesses."""
+    if fmt not in SPLIT_FIELDS:
+        stray = any("split" in r.meta for r in records)
+        note = (" (its rows' 'split' values are kept in record.meta but are not a split of this format)"
+                if stray else "")
+        raise AnnotationError(f"{path}: split {split!r} was asked for, but the {fmt} format carries no split{note}; "
+                              "drop the split option (--split / data.split), or split the file and pass the "
+                              "file of that split (formats with splits: " + ", ".join(SPLIT_FIELDS) + ")")
+    sizes = split_sizes(records, fmt)
+    if not sizes:
+        raise AnnotationError(f"{path}: split {split!r} was asked for, but no entry has a split "
+                              f"({SPLIT_FIELDS[fmt]} is absent); drop the split option, or use a file that "
+                              "carries splits (the official MSRVTT_data.json does)")
+    if NO_SPLIT in sizes:
+        bare = next(r for r in records if "split" not in r.meta)
+        others = len(records) - sizes[NO_SPLIT]["records"]
+        raise AnnotationError(f"{bare.source}: video {bare.video!r} has no 'split' while {others} other entries "
+                              "have one; give every video a split to select one, or drop the split option")
+    if split not in sizes:
+        listed = ", ".join(f"{name} ({n['videos']}{' videos' if i == 0 else ''})"
+                           for i, (name, n) in enumerate(sizes.items()))
+        near = _nearest_split(split, list(sizes))
+        hint = f"; did you mean {near!r}?" if near else f"; use one of {', '.join(sizes)}"
+        raise AnnotationError(f"{path} has splits {listed}; got {split!r}{hint} (split names are matched exactly)")
+    selected = [r for r in records if r.meta.get("split") == split]
+    annotated = [r for r in selected if r.captions or r.question is not None or r.options]
+    if not annotated:
+        raise AnnotationError(f"{path}: split {split!r} lists {len(selected)} videos but none has an annotation "
+                              "(no caption/question rows for them); use a file that includes that split's "
+                              "annotations, or pick another split")
+    return selected
+
+
+def read_annotations(path: str | Path, fmt: str | None = None, split: str | None = None) -> list[Record]:
+    """Read any supported annotation file into Records; `fmt` (a `FORMATS` name) skips detection;
+    `split` keeps only the records of that split, for formats that carry splits (`SPLIT_FIELDS`:
+    MSRVTT_data.json's train / validate / test); asking a split of any other format is an error."""
+    return read_annotations_with_format(path, fmt, split)[1]
+
+
+def read_annotations_with_format(path: str | Path, fmt: str | None = None,
+                                 split: str | None = None) -> tuple[str, list[Record]]:
+    """Like `read_annotations`, also returning the format name used (for reports such as `evl data check`)."""
+    fmt, records = _read_with_format(path, fmt)
+    return fmt, (select_split(records, split, path, fmt) if split is not None else records)
+
+
+def _read_with_format(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record]]:
+    """Parse with the given or detected format.
 
     JSON is parsed once here even when the format is detected, because real files (MSRVTT, STAR) are
     tens of MB.

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from evl.data.annotations import Record, read_annotations_with_format
+from evl.data.annotations import Record, read_annotations_with_format, split_sizes
 
 EXAMPLES = 5  # how many missing / undecodable paths a summary keeps, with reasons
 _SAMPLE = 64  # how many distinct videos are probed when guessing the videos folder
@@ -85,15 +85,18 @@ def _type_counts(records: list[Record]) -> dict[str, int]:
 
 
 def check_annotations(path: str | Path, videos_dir: str | Path | None = None, fmt: str | None = None,
-                      decode: bool = True) -> dict[str, Any]:
+                      decode: bool = True, split: str | None = None) -> dict[str, Any]:
     """Parse `path`, check each distinct video once, and return a JSON-serialisable summary.
 
     Keys: annotation, format, videos_dir, records, videos (distinct), ok, missing, undecodable,
-    decoded (whether decoding was checked), types, kinds, missing_examples, undecodable_examples
-    (each example: {"video", "path", "reason"}). Raises AnnotationError only for an unparseable file.
+    decoded (whether decoding was checked), types, kinds, split (the one selected, or None), splits
+    ({name: {"records", "videos"}} of the records checked, for formats that carry splits, else {}),
+    missing_examples, undecodable_examples (each example: {"video", "path", "reason"}). With `split`
+    only that split is checked and counted. Raises AnnotationError only for an unparseable file or a
+    bad split (see `select_split`).
     """
     path = Path(path)
-    fmt_name, records = read_annotations_with_format(path, fmt=fmt)
+    fmt_name, records = read_annotations_with_format(path, fmt=fmt, split=split)
     folder = Path(videos_dir) if videos_dir is not None else guess_videos_dir(path, records)
     problems: dict[str, list[dict[str, str]]] = {"missing": [], "undecodable": []}
     videos = list(dict.fromkeys(r.video for r in records))
@@ -114,6 +117,8 @@ def check_annotations(path: str | Path, videos_dir: str | Path | None = None, fm
         "decoded": decode,
         "types": _type_counts(records),
         "kinds": dict(sorted(Counter(r.kind for r in records).items())),
+        "split": split,
+        "splits": split_sizes(records, fmt_name),
         "missing_examples": problems["missing"][:EXAMPLES],
         "undecodable_examples": problems["undecodable"][:EXAMPLES],
     }
@@ -124,6 +129,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [
         ("annotation", summary["annotation"]),
         ("format", summary["format"]),
+        *([("split", summary["split"])] if summary.get("split") else []),
         ("videos dir", summary["videos_dir"]),
         ("records", summary["records"]),
         ("videos", summary["videos"]),
@@ -133,6 +139,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if summary.get("splits"):
+        lines.append("splits")
+        sw = max(len(name) for name in summary["splits"])
+        lines += [f"  {name:<{sw}}  {n['records']} records, {n['videos']} videos"
+                  for name, n in summary["splits"].items()]
     if summary.get("types"):
         lines.append("types")
         tw = max(len(t) for t in summary["types"])

@@ -65,10 +65,11 @@ class VideoTextDataset(Dataset):
 
     @classmethod
     def from_file(cls, annotation: str | Path, videos_dir: str | Path | None, clip: ClipSettings,
-                  text: TextMode = "caption", fmt: str | None = None, replace_bad: int = 0) -> VideoTextDataset:
+                  text: TextMode = "caption", fmt: str | None = None, replace_bad: int = 0,
+                  split: str | None = None) -> VideoTextDataset:
         from evl.data.check import guess_videos_dir
 
-        records = read_annotations(annotation, fmt)
+        records = read_annotations(annotation, fmt, split=split)
         videos_dir = videos_dir if videos_dir is not None else guess_videos_dir(annotation, records)
         return cls(records, videos_dir, clip, text, replace_bad)
 
@@ -131,23 +132,28 @@ class VideoTextDataset(Dataset):
 
 
 class Collator:
-    """Stack clips; tokenize texts (padding to the batch's longest); optionally MLM-mask; QA answer ids.
+    """Stack clips; tokenize texts (padding to the batch's longest); QA answer ids; then the batch
+    transforms the loss terms asked for (MLM masking, video masks), in order.
 
     A class, not a closure, so DataLoader workers can pickle it. `answer_vocab` maps answers to class
-    ids (unknown → -100, ignored by the loss).
+    ids (unknown → -100, ignored by the loss). In training the Trainer calls it under an RNG seeded
+    per batch, so what the transforms draw is reproducible and the same after a resume.
+    `frame_mask` is None when no clip of the batch has a padded frame: then attention builds no mask
+    and takes SDPA's unmasked fast path.
     """
 
-    def __init__(self, tokenizer, max_text_len: int = 32, mlm_prob: float = 0.0, answer_vocab=None):
+    def __init__(self, tokenizer, max_text_len: int = 32, answer_vocab=None, transforms=()):
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
-        self.mlm_prob = mlm_prob
         self.answer_vocab = answer_vocab
+        self.transforms = list(transforms)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         samples = [s for s in samples if s is not None]
+        frame_mask = torch.stack([s["frame_mask"] for s in samples])
         batch: dict[str, Any] = {
             "frames": torch.stack([s["frames"] for s in samples]),
-            "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
+            "frame_mask": None if bool(frame_mask.all()) else frame_mask,
             "video_names": [s["video_name"] for s in samples],
             "clip_keys": [s["clip_key"] for s in samples],
             "index": torch.tensor([s["index"] for s in samples]),
@@ -157,11 +163,6 @@ class Collator:
         if "text" in samples[0]:
             tok = self.tokenizer([s["text"] for s in samples], max_length=self.max_text_len)
             batch["input_ids"], batch["attention_mask"] = tok.input_ids, tok.attention_mask
-            if self.mlm_prob > 0:
-                from evl.data.text import mask_tokens
-
-                masked = mask_tokens(tok.input_ids, tok.attention_mask, self.tokenizer, prob=self.mlm_prob)
-                batch["mlm_input_ids"], batch["mlm_labels"] = masked.input_ids, masked.labels
         if "answer" in samples[0]:
             batch["answers"] = [s["answer"] for s in samples]
             batch["qtypes"] = [s["qtype"] for s in samples]
@@ -175,4 +176,6 @@ class Collator:
             batch["option_ids"] = tok.input_ids.view(len(samples), k, -1)
             batch["option_mask"] = tok.attention_mask.view(len(samples), k, -1)
             batch["answer_index"] = torch.tensor([s["answer_index"] for s in samples])
+        for transform in self.transforms:
+            batch = transform(batch)
         return batch

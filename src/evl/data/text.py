@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from evl.errors import CheckpointError, EvlError
+from evl.errors import CheckpointError, ConfigError, EvlError
 from evl.models.text import resolve_pretrained
 
 
@@ -179,3 +179,21 @@ def _random_regular_ids(n: int, tokenizer, dtype: torch.dtype, generator: torch.
     regular[sorted(tokenizer.special_ids)] = False
     pool = regular.nonzero().squeeze(1)
     return pool[torch.randint(len(pool), (n,), generator=generator)].to(dtype)
+
+
+def tokenizer_source(text_cfg) -> str:
+    """Where a text tower's tokenizer comes from: `text.tokenizer`, else the `text.pretrained`
+    weights' folder, else the packaged MiniLM vocabulary (a randomly initialised BERT-uncased tower)."""
+    return str(text_cfg.tokenizer or text_cfg.pretrained or "minilm")
+
+
+def tokenizer_for(model_cfg, checkpoint: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a model: the tokenizer.json saved in `checkpoint` when there is one, else
+    `tokenizer_source(model_cfg.text)`. Its vocabulary must fit the model's embedding table."""
+    folder = Path(checkpoint) if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file() else None
+    tok = Tokenizer.from_pretrained(folder if folder is not None else tokenizer_source(model_cfg.text))
+    if tok.vocab_size > model_cfg.text.vocab_size:
+        raise ConfigError(f"the tokenizer from {tok.source} has {tok.vocab_size} tokens, more than the model's "
+                       f"text.vocab_size={model_cfg.text.vocab_size}; set model.text.vocab_size={tok.vocab_size} "
+                       "or text.tokenizer to the vocabulary the text weights were trained with")
+    return tok

@@ -2,21 +2,29 @@
 
 1. `CrossModalEncoder` (E-ViLM / ALBEF style): N extra layers on top of the text tower; text tokens
    self-attend, then attend to the video tokens, then an MLP. The towers stay untouched.
-2. Fusion in the backbone (EgoVLPv2): the towers' own top layers carry gated cross-attention
-   (see `VideoBlock` / `TextLayer`). `run_lockstep` drives both towers through those layers together:
-   each video block sees the current text tokens and each text layer the current video tokens.
-   Without context the same layers are the plain towers (dual mode).
+2. `BackboneFusion` (EgoVLPv2): the towers' own top layers carry gated cross-attention (see
+   `VideoBlock` / `TextLayer`); it drives both towers through those layers in lockstep: each video
+   block sees the current text tokens and each text layer the current video tokens. Without context
+   the same layers are the plain towers (dual mode).
+
+Both have the same interface — `fused_dim` and `fuse(model, video, text) -> FusionOutput` — and
+`FUSIONS` maps `fusion.kind` to the class, so the model holds one `fusion` module and never branches
+on the kind.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
+from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.layers import MLP, MultiHeadAttention
+
+if TYPE_CHECKING:
+    from evl.models.model import VideoLanguageModel
 
 
 @dataclass
@@ -32,7 +40,14 @@ class FusionConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
 
+    @property
+    def tower_layers(self) -> int:
+        """Top layers of each tower that carry gated cross-attention (backbone fusion only)."""
+        return self.num_layers if self.kind == "backbone" else 0
+
     def __post_init__(self) -> None:
+        if self.kind not in ("encoder", "backbone", "none"):
+            raise ValueError(f"fusion.kind: {self.kind!r} is not one of ['encoder', 'backbone', 'none']")
         if self.kind != "none" and self.num_layers < 1:
             raise ValueError(f"fusion.num_layers must be >= 1 for fusion kind {self.kind!r}; got {self.num_layers}")
 
@@ -59,11 +74,12 @@ class CrossModalLayer(nn.Module):
 class CrossModalEncoder(nn.Module):
     """Text tokens (B, L, D) attend to video tokens (B, N, Dv) through `num_layers` layers."""
 
-    def __init__(self, dim: int, video_dim: int, cfg: FusionConfig):
+    def __init__(self, text_dim: int, video_dim: int, cfg: FusionConfig):
         super().__init__()
-        self.layers = nn.ModuleList(CrossModalLayer(dim, video_dim, cfg.num_heads, cfg.mlp_ratio)
+        self.layers = nn.ModuleList(CrossModalLayer(text_dim, video_dim, cfg.num_heads, cfg.mlp_ratio)
                                     for _ in range(cfg.num_layers))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(text_dim)
+        self.fused_dim = text_dim
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor,
                 video_mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,21 +87,45 @@ class CrossModalEncoder(nn.Module):
             text = layer(text, text_mask, video, video_mask)
         return self.norm(text)
 
+    def fuse(self, model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
+        t = self(text.tokens, text.attention_mask, video.tokens, video.token_mask)
+        return FusionOutput(text_tokens=t, pooled=t[:, 0])
 
-def run_lockstep(video_blocks: nn.ModuleList, text_layers: nn.ModuleList, v: torch.Tensor,
-                 v_mask: torch.Tensor | None, t: torch.Tensor, t_mask: torch.Tensor,
-                 time_slots: int, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused top layers of both towers; `fuse=False` is dual mode (no cross-attention).
+
+class BackboneFusion(nn.Module):
+    """EgoVLPv2 fusion: no parameters of its own (the towers' top layers carry the gated
+    cross-attention); `fuse` restarts both towers from the states entering their fused layers."""
+
+    def __init__(self, text_dim: int, video_dim: int, cfg: FusionConfig):
+        super().__init__()
+        self.fused_dim = video_dim + text_dim
+
+    def fuse(self, model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
+        if video.lower is None or text.lower is None:
+            raise ValueError("backbone fusion needs the features of this model's own video_features/text_features")
+        v, t = run_lockstep(model, video, text)
+        out = model.video.finalize(v.x)
+        return FusionOutput(text_tokens=t, pooled=torch.cat([model.video.pool(out, v.key_mask), t[:, 0]], dim=-1))
+
+
+def run_lockstep(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures):
+    """Run the fused top layers of both towers together, cross-attention on.
 
     Both updates in a step read the *previous* states of the other tower, so the result does not
-    depend on which tower is stepped first.
+    depend on which tower is stepped first. The video side goes through the tower's one block loop
+    (`run_blocks`, one block at a time), so token hooks apply here as in the dual pass.
     """
-    if len(video_blocks) != len(text_layers):
-        raise ValueError(f"backbone fusion needs the same number of fused layers in both towers; "
-                         f"got video {len(video_blocks)} and text {len(text_layers)}")
-    for vb, tl in zip(video_blocks, text_layers, strict=True):
-        v_ctx, t_ctx = (t, v) if fuse else (None, None)
-        v_next = vb(v, v_mask, context=v_ctx, context_mask=t_mask if fuse else None, time_slots=time_slots)
-        t = tl(t, t_mask, context=t_ctx, context_mask=v_mask if fuse else None)
+    vs, ts = model.video_fuse_start, model.text_fuse_start
+    layers = model.text.layers[ts:]
+    if len(layers) != len(model.video.blocks) - vs:
+        raise ValueError(f"backbone fusion needs the same number of fused layers in both towers; got video "
+                         f"{len(model.video.blocks) - vs} and text {len(layers)}")
+    v, t, t_mask = video.lower, text.lower, text.attention_mask
+    for i, layer in enumerate(layers):
+        v_next = model.video.run_blocks(v, vs + i, vs + i + 1, context=t, context_mask=t_mask, hooks=video.hooks)
+        t = layer(t, t_mask, context=v.x, context_mask=v.key_mask)
         v = v_next
     return v, t
+
+
+FUSIONS: dict[str, type[nn.Module] | None] = {"encoder": CrossModalEncoder, "backbone": BackboneFusion, "none": None}

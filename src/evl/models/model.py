@@ -6,6 +6,9 @@ Fusion path (matching, MLM, QA): `fuse` runs the cross-modal part on chosen (vid
 With backbone fusion (EgoVLPv2) the lower tower layers are shared by both paths: `video_features` /
 `text_features` keep the hidden states entering the fused layers (`lower`), and `fuse` restarts from
 there, so a pre-training step pays for the lower layers once, not once per pass.
+
+The fusion kind is a module from `evl.models.fusion.FUSIONS` (`self.fusion`, None for a dual-only
+model); the model never branches on the kind's name.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.config import from_dict, to_dict
-from evl.models.fusion import CrossModalEncoder, FusionConfig, run_lockstep
+from evl.losses.functional import LogitScale
+from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
+from evl.models.fusion import FUSIONS, FusionConfig
 from evl.models.text import TextEncoder, TextEncoderConfig, masked_mean
 from evl.models.video import VideoEncoder, VideoEncoderConfig
-from evl.objectives import LogitScale
+
+__all__ = ["FusionOutput", "ModelConfig", "TextFeatures", "VideoFeatures", "VideoLanguageModel", "build_model"]
 
 
 @dataclass
@@ -34,46 +40,12 @@ class ModelConfig:
     num_answers: int = 0          # open-ended QA head size; 0 = no QA head (fine-tuning sets it)
 
     def __post_init__(self) -> None:
-        n = self.fusion.num_layers if self.fusion.kind == "backbone" else 0
+        n = self.fusion.tower_layers
         for tower, name in ((self.video, "video"), (self.text, "text")):
             if n > tower.num_layers:
                 raise ValueError(f"fusion.num_layers={n} exceeds {name}.num_layers={tower.num_layers}")
         self.video = dataclasses.replace(self.video, fusion_layers=n, context_dim=self.text.hidden_size if n else None)
         self.text = dataclasses.replace(self.text, fusion_layers=n, context_dim=self.video.hidden_size if n else None)
-
-
-@dataclass
-class VideoFeatures:
-    emb: torch.Tensor             # (B, E) L2-normalised
-    tokens: torch.Tensor          # (B, N, Dv) final tokens (dual mode)
-    token_mask: torch.Tensor      # (B, N) bool
-    lower: torch.Tensor | None = None      # hidden states entering the fused layers (backbone fusion)
-    lower_mask: torch.Tensor | None = None
-    time_slots: int = 0
-
-    def select(self, index: torch.Tensor) -> VideoFeatures:
-        lower = None if self.lower is None else self.lower[index]
-        lower_mask = None if self.lower_mask is None else self.lower_mask[index]
-        return VideoFeatures(self.emb[index], self.tokens[index], self.token_mask[index], lower, lower_mask,
-                             self.time_slots)
-
-
-@dataclass
-class TextFeatures:
-    emb: torch.Tensor             # (B, E) L2-normalised
-    tokens: torch.Tensor          # (B, L, Dt)
-    attention_mask: torch.Tensor  # (B, L)
-    lower: torch.Tensor | None = None
-
-    def select(self, index: torch.Tensor) -> TextFeatures:
-        return TextFeatures(self.emb[index], self.tokens[index], self.attention_mask[index],
-                            None if self.lower is None else self.lower[index])
-
-
-@dataclass
-class FusionOutput:
-    text_tokens: torch.Tensor     # (N, L, Dt) fused text tokens (MLM reads these)
-    pooled: torch.Tensor          # (N, fused_dim) pair representation (VTM / QA heads read this)
 
 
 class MLMHead(nn.Module):
@@ -100,20 +72,25 @@ class VideoLanguageModel(nn.Module):
         self.video_proj = nn.Linear(vw, cfg.embed_dim)
         self.text_proj = nn.Linear(tw, cfg.embed_dim)
         self.logit_scale = LogitScale()
-        kind = cfg.fusion.kind
-        self.cross = CrossModalEncoder(tw, vw, cfg.fusion) if kind == "encoder" else None
-        self.fused_dim = {"encoder": tw, "backbone": vw + tw, "none": 0}[kind]
+        fusion_cls = FUSIONS[cfg.fusion.kind]
+        self.fusion = fusion_cls(tw, vw, cfg.fusion) if fusion_cls is not None else None
+        self.fused_dim = self.fusion.fused_dim if self.fusion is not None else 0
         self.video_fuse_start = cfg.video.num_layers - cfg.video.fusion_layers
         self.text_fuse_start = cfg.text.num_layers - cfg.text.fusion_layers
-        if kind != "none":
+        if self.fusion is not None:
             self.vtm_head = nn.Linear(self.fused_dim, 2)
             self.mlm_head = MLMHead(tw, self.text.embeddings.word_embeddings)
         self.qa_head = self._make_qa_head(cfg.num_answers) if cfg.num_answers else None
 
     # ---------------------------------------------------------------- construction / persistence
 
+    @property
+    def has_fusion(self) -> bool:
+        """Whether the model has a cross-modal path (matching, MLM and QA need one)."""
+        return self.fusion is not None
+
     def _make_qa_head(self, num_answers: int) -> nn.Module:
-        if self.cfg.fusion.kind == "none":
+        if not self.has_fusion:
             raise ValueError("open-ended QA needs a fusion model (fusion.kind 'encoder' or 'backbone')")
         d = self.fused_dim
         return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, num_answers))
@@ -160,19 +137,21 @@ class VideoLanguageModel(nn.Module):
     # ---------------------------------------------------------------- dual path
 
     def video_features(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                       keep_index: torch.Tensor | None = None) -> VideoFeatures:
+                       keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       hooks=None) -> VideoFeatures:
+        """Dual-mode video tower. `keep_index` / `mask` / `hooks`: see `VideoEncoder.embed` / `run_blocks`."""
         enc = self.video
-        slots = enc.check_frames(frames)[0]
-        x, mask = enc.embed(frames, frame_mask, keep_index)
+        tokens = enc.embed(frames, frame_mask, keep_index, mask)
         lower = None
-        for i, blk in enumerate(enc.blocks):
-            if i == self.video_fuse_start:
-                lower = x
-            x = blk(x, mask, time_slots=slots)
-        tokens = enc.finalize(x)
-        token_mask = mask if mask is not None else tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
-        emb = F.normalize(self.video_proj(enc.pool(tokens, token_mask)), dim=-1)
-        return VideoFeatures(emb, tokens, token_mask, lower, mask if lower is not None else None, slots)
+        if self.video_fuse_start < len(enc.blocks):
+            tokens = enc.run_blocks(tokens, 0, self.video_fuse_start, hooks=hooks)
+            lower = tokens
+            tokens = enc.run_blocks(tokens, self.video_fuse_start, hooks=hooks)
+        else:
+            tokens = enc.run_blocks(tokens, hooks=hooks)
+        out = enc.finalize(tokens.x)
+        emb = F.normalize(self.video_proj(enc.pool(out, tokens.key_mask)), dim=-1)
+        return VideoFeatures(emb, out, tokens.key_mask, lower, tokens.positions, tokens.grid, hooks)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         x = self.text.embed(input_ids)
@@ -197,18 +176,9 @@ class VideoLanguageModel(nn.Module):
 
     def fuse(self, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
         """Cross-modal encoding of row-aligned pairs (video[i], text[i])."""
-        kind = self.cfg.fusion.kind
-        if kind == "encoder":
-            t = self.cross(text.tokens, text.attention_mask, video.tokens, video.token_mask)
-            return FusionOutput(text_tokens=t, pooled=t[:, 0])
-        if kind == "backbone":
-            v, t = run_lockstep(self.video.blocks[self.video_fuse_start:], self.text.layers[self.text_fuse_start:],
-                                video.lower, video.lower_mask, text.lower, text.attention_mask,
-                                video.time_slots, fuse=True)
-            v = self.video.finalize(v)
-            v_mask = video.lower_mask if video.lower_mask is not None else v.new_ones(v.shape[:2], dtype=torch.bool)
-            return FusionOutput(text_tokens=t, pooled=torch.cat([self.video.pool(v, v_mask), t[:, 0]], dim=-1))
-        raise ValueError("this model has no fusion (fusion.kind='none'); matching, MLM and QA need one")
+        if self.fusion is None:
+            raise ValueError("this model has no fusion (fusion.kind='none'); matching, MLM and QA need one")
+        return self.fusion.fuse(self, video, text)
 
     def score_pairs(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
         """Matching logits (N, 2) for row-aligned pairs; softmax[:, 1] is the match probability."""
@@ -225,6 +195,18 @@ class VideoLanguageModel(nn.Module):
         if self.qa_head is None:
             raise ValueError("this model has no QA head; fine-tune with task=qa (sets model.num_answers)")
         return self.qa_head(self.fuse(video, question).pooled)
+
+    def option_scores(self, video: VideoFeatures, option_ids: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) multiple-choice scores of K options per clip: dual cosine similarity (× logit scale)
+        plus, with a fusion path, each (clip, option) pair's matching log-odds — EgoVLPv2's ensemble."""
+        b, k, length = option_ids.shape
+        text = self.text_features(option_ids.reshape(b * k, length), option_mask.reshape(b * k, length))
+        rows = torch.arange(b, device=option_ids.device).repeat_interleave(k)
+        dual = (video.emb[rows] * text.emb).sum(-1) * self.logit_scale()
+        if not self.has_fusion:
+            return dual.view(b, k)
+        logits = self.score_pairs(video.select(rows), text)
+        return (dual + logits[:, 1] - logits[:, 0]).view(b, k)
 
 
 def build_model(cfg: ModelConfig | dict) -> VideoLanguageModel:

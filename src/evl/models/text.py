@@ -10,7 +10,7 @@ Layout (post-LN, as in BERT)::
 
     x = LN(word_emb + pos_emb + type_emb)
     per layer:  a = x + SelfAttn(x)
-                a = a + gate · XAttn(LN'(a), video)        # only top `fusion_layers`, only when video given
+                a = a + gate · CrossAttn(LN'(a), video)        # only top `fusion_layers`, only when video given
                 x = LN1(a);  x = LN2(x + FFN(x))
 
 The cross-attention query is the residual stream after self-attention (normalised by the fusion module's
@@ -90,6 +90,9 @@ class TextEncoderConfig:
     nothing else (add `num_layers: 2` for a cheap tower made of its first two layers).
 
     `pretrained`: "minilm" (packaged weights), a folder with HF BERT safetensors, or None (random init).
+    `tokenizer`: where the tokenizer.json comes from; None = the `pretrained` source (else MiniLM's).
+    Training records the resolved source in the checkpoint's config, so evaluation tokenizes with the
+    ids the weights were trained on.
     `fusion_layers`: how many of the top layers get a gated cross-attention to video tokens of width
     `context_dim` (EgoVLPv2); 0 = a plain text encoder.
     """
@@ -105,6 +108,7 @@ class TextEncoderConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     pretrained: str | None = "minilm"
+    tokenizer: str | None = None
     fusion_layers: int = 0
     context_dim: int | None = None
 
@@ -231,18 +235,18 @@ class TextLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = MLP(d, cfg.intermediate_size, dropout=cfg.dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.xattn = GatedCrossAttention(d, cfg.context_dim, cfg.num_heads) if fusion else None
+        self.cross_attn = GatedCrossAttention(d, cfg.context_dim, cfg.num_heads) if fusion else None
 
     @property
     def has_fusion(self) -> bool:
-        return self.xattn is not None
+        return self.cross_attn is not None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`context=None` (or a layer without fusion) → the plain BERT layer (dual-encoder mode)."""
         a = x + self.attn_dropout(self.attn(x, key_mask=attention_mask))
-        if self.xattn is not None and context is not None:
-            a = a + self.xattn(a, context, context_mask)
+        if self.cross_attn is not None and context is not None:
+            a = a + self.cross_attn(a, context, context_mask)
         x = self.norm1(a)
         return self.norm2(x + self.mlp(x))
 
@@ -251,8 +255,9 @@ class TextEncoder(nn.Module):
     """BERT-compatible encoder. Built from `cfg`; when `cfg.pretrained` is set the weights are loaded
     right away (strictly), so `TextEncoder(cfg)` is the one construction path for configs and recipes.
 
-    Lockstep API for fusion wrappers: `embed(input_ids)`, then `layers[i](x, attention_mask, context,
-    context_mask)`; layers from index `fusion_start` on have cross-attention. There is no final norm.
+    Lockstep API for fusion (`evl.models.fusion.run_lockstep`): `embed(input_ids)`, then
+    `layers[i](x, attention_mask, context, context_mask)`; layers from index `fusion_start` on have
+    cross-attention. `forward` is the dual-mode tower. There is no final norm.
     """
 
     def __init__(self, cfg: TextEncoderConfig):
@@ -305,22 +310,19 @@ class TextEncoder(nn.Module):
         from safetensors.torch import load_file
 
         state = hf_bert_to_evl(load_file(str(weights)), num_layers=self.cfg.num_layers, source=str(weights))
-        load_strict(self, state, allowed_missing=lambda k: ".xattn." in k, source=str(weights))
+        load_strict(self, state, allowed_missing=lambda k: ".cross_attn." in k, source=str(weights))
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.embeddings(input_ids, token_type_ids)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> TextEncoderOutput:
-        """`context` (B,Nv,context_dim) video tokens switch fusion on in the top layers; None = dual mode."""
+        """The plain text tower (dual mode: the fused layers' cross-attention is skipped)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if context is not None and self.cfg.fusion_layers == 0:
-            raise ValueError("context was given but this text encoder has no fusion layers (text.fusion_layers=0)")
         x = self.embed(input_ids, token_type_ids)
         for layer in self.layers:
-            x = layer(x, attention_mask, context, context_mask)
+            x = layer(x, attention_mask)
         return TextEncoderOutput(tokens=x, attention_mask=attention_mask, cls=x[:, 0], mean=masked_mean(x, attention_mask))
 
 

@@ -8,22 +8,32 @@ One encoder serves every recipe:
   temporal slots at each spatial location, then space attention within each slot, then (top
   `fusion_layers` blocks) gated cross-attention to text, then the MLP.
 
-Token dropping (masked modelling, sparsification) is done *before* the blocks with `keep_index`, so the
-blocks pay only for the kept tokens. Padded frames (`frame_mask`) are zeroed and masked out of every
-attention key set and of pooling, so their values can never leak into valid outputs.
+The tower runs as ONE block loop, `run_blocks`, over a `VideoTokens` state that carries its token grid
+(which time slot and patch each surviving token came from). Everything that runs video blocks — the
+dual path, fusion in the backbone, masked modelling — goes through it:
 
-The pieces (`embed`, `blocks`, `finalize`) are public so that a fusion wrapper can run this tower and
-the text tower in lockstep::
+    tokens = enc.embed(frames, frame_mask, keep_index=None, mask=None)
+    tokens = enc.run_blocks(tokens, start=0, stop=None, context=None, context_mask=None, hooks=None)
+    out = enc.finalize(tokens.x)
 
-    x, key_mask = enc.embed(frames, frame_mask, keep_index)
-    slots = enc.num_time_slots(frames)          # needed by the divided layout only
-    for blk in enc.blocks:
-        x = blk(x, key_mask, context=text, context_mask=text_mask, time_slots=slots)
-    tokens = enc.finalize(x)
+* `keep_index` drops tokens *before* the blocks, so the blocks pay only for the kept tokens (MAE).
+* `mask` replaces masked patches by a learnable mask token instead (BEiT / masked video modelling:
+  the model sees the whole sequence and predicts what the masked positions held).
+* `hooks` are token operations (drop, merge, select frames) run before chosen blocks: a mapping
+  layer index → callables `VideoTokens -> VideoTokens`; index i runs before block i, index
+  `num_layers` after the last block. They belong to a technique, not to the model, so they are
+  passed per call.
+* `context` (text tokens) switches the gated cross-attention of the fused top blocks on (EgoVLPv2).
+
+Padded frames (`frame_mask`) are zeroed and masked out of every attention key set and of pooling, so
+their values can never leak into valid outputs. When nothing is padded no mask is built at all, so
+attention takes SDPA's unmasked fast path.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,6 +156,54 @@ class VideoEncoderOutput:
     cls: torch.Tensor
     token_mask: torch.Tensor
     grid: tuple[int, int, int] = field(default=(0, 0, 0))
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class VideoTokens:
+    """The state the block loop carries: tokens plus where each one came from.
+
+    x: (B, P+K, D) — `num_prefix` (CLS) tokens, then K patch tokens.
+    key_mask: (B, P+K) bool, True = a real token; None when every token is real (no mask is built).
+    positions: (B, K) long — the index of each patch token in the full grid, (slot·h' + row)·w' + col;
+      dropping, merging or selecting tokens keeps this in step, so a decoder or a target knows which
+      patch each surviving token is.
+    grid: (t', h', w') of the input before any token was dropped.
+    time_slots: temporal slots the tokens span now (divided attention splits tokens by it).
+    """
+
+    x: torch.Tensor
+    key_mask: torch.Tensor | None
+    positions: torch.Tensor
+    grid: tuple[int, int, int]
+    time_slots: int
+    num_prefix: int = 0
+
+    def replace(self, **changes: Any) -> VideoTokens:
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: torch.Tensor) -> VideoTokens:
+        """Rows `index` of the batch (e.g. the pairs of a matching loss)."""
+        return self.replace(x=self.x[index], positions=self.positions[index],
+                            key_mask=None if self.key_mask is None else self.key_mask[index])
+
+    def to(self, device: torch.device | str) -> VideoTokens:
+        return self.replace(x=self.x.to(device), positions=self.positions.to(device),
+                            key_mask=None if self.key_mask is None else self.key_mask.to(device))
+
+    @staticmethod
+    def cat(parts: Sequence[VideoTokens]) -> VideoTokens:
+        """Batches of the same grid joined along the batch (a part without a key mask is all-valid)."""
+        masks = [p.key_mask for p in parts]
+        key_mask = None
+        if any(m is not None for m in masks):
+            key_mask = torch.cat([m if m is not None else torch.ones(p.x.shape[:2], dtype=torch.bool, device=p.x.device)
+                                  for m, p in zip(masks, parts, strict=True)])
+        return parts[0].replace(x=torch.cat([p.x for p in parts]), key_mask=key_mask,
+                                positions=torch.cat([p.positions for p in parts]))
+
+
+TokenHook = Callable[[VideoTokens], VideoTokens]
 
 
 # ----------------------------------------------------------------------------------- position embeddings
@@ -230,7 +288,7 @@ class VideoBlock(nn.Module):
     joint:   x + attn(norm1(x))                               [all tokens]
     divided: x + time_attn(time_norm(x))                      [patches, across slots at each rank]
              x + attn(norm1(x))                               [within each slot, CLS replicated]
-    both:    x + gate·xattn(LN(x), context)                   [top fusion blocks, only if context given]
+    both:    x + gate·cross_attn(LN(x), context)              [top fusion blocks, only if context given]
              x + mlp(norm2(x))
 
     Divided layout and CLS (TimeSformer's choice): the CLS token skips time attention; for space
@@ -255,7 +313,7 @@ class VideoBlock(nn.Module):
             self.time_attn = MultiHeadAttention(d, cfg.num_heads, qkv_bias=cfg.qkv_bias, dropout=cfg.dropout)
         self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = MultiHeadAttention(d, cfg.num_heads, qkv_bias=cfg.qkv_bias, dropout=cfg.dropout)
-        self.cross = GatedCrossAttention(d, cfg.context_dim or d, cfg.num_heads, eps=eps) if fusion else None
+        self.cross_attn = GatedCrossAttention(d, cfg.context_dim or d, cfg.num_heads, eps=eps) if fusion else None
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(d, int(d * cfg.mlp_ratio), dropout=cfg.dropout)
 
@@ -266,8 +324,8 @@ class VideoBlock(nn.Module):
         `context=None` skips the cross-attention (dual mode); blocks without fusion ignore `context`.
         """
         if self.divided and time_slots is None:
-            raise ValueError("divided attention needs time_slots=encoder.num_time_slots(frames) "
-                             "(the number of temporal tubelet slots) in every block call")
+            raise ValueError("divided attention needs time_slots (the number of temporal tubelet slots) "
+                             "in every block call; run blocks through VideoEncoder.run_blocks")
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, key_mask, context, context_mask, time_slots, use_reentrant=False)
         return self._forward(x, key_mask, context, context_mask, time_slots)
@@ -278,8 +336,8 @@ class VideoBlock(nn.Module):
             x = self._divided_attention(x, key_mask, time_slots)
         else:
             x = x + self.attn(self.norm1(x), key_mask=key_mask)
-        if self.cross is not None and context is not None:
-            x = x + self.cross(x, context, context_mask)
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(x, context, context_mask)
         return x + self.mlp(self.norm2(x))
 
     def _divided_attention(self, x: torch.Tensor, key_mask: torch.Tensor | None, t: int) -> torch.Tensor:
@@ -333,6 +391,9 @@ class VideoEncoder(nn.Module):
         p, t = cfg.patch_size, cfg.tubelet_size
         self.patch_embed = nn.Conv3d(cfg.in_channels, d, kernel_size=(t, p, p), stride=(t, p, p))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls_token else None
+        # replaces masked patches in masked video modelling; zero-initialised (SimMIM), so it draws
+        # nothing from the RNG and a model that never masks is initialised exactly as without it
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = PositionEmbedding(cfg)
         first_fused = cfg.num_layers - cfg.fusion_layers
         self.blocks = nn.ModuleList(VideoBlock(cfg, fusion=i >= first_fused) for i in range(cfg.num_layers))
@@ -359,9 +420,11 @@ class VideoEncoder(nn.Module):
         for blk in self.blocks:
             blk.grad_checkpointing = enabled
 
-    def num_time_slots(self, frames: torch.Tensor) -> int:
-        """Number of temporal tubelet slots t' for `frames` (B, T, C, H, W); divided blocks need it."""
-        return frames.shape[1] // self.cfg.tubelet_size
+    def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay (as timm and VideoMAE do): decaying the CLS and mask
+        tokens and the position tables pulls them towards 0 instead of regularising anything."""
+        names = {"mask_token"} | ({"cls_token"} if self.cls_token is not None else set())
+        return names | {f"pos_embed.{n}" for n, _ in self.pos_embed.named_parameters()}
 
     # ---- pieces (public for lockstep fusion) ----
 
@@ -386,19 +449,30 @@ class VideoEncoder(nn.Module):
         return t // cfg.tubelet_size, h // cfg.patch_size, w // cfg.patch_size
 
     def embed(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-              keep_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Frames → (x (B, C+K, D), key_mask (B, C+K) bool or None when nothing is padded).
+              keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> VideoTokens:
+        """Frames → the block loop's starting `VideoTokens`.
 
         Padded frames are zeroed before the tubelet conv, so a tubelet that mixes real and padded
-        frames sees only its real frames; a tubelet is valid if any of its frames is.
+        frames sees only its real frames; a tubelet is valid if any of its frames is. `mask` (B, N)
+        bool, True = masked: those patches are replaced by the learnable mask token (positions are
+        still added, so the model knows *where* it has to fill in). `keep_index` (B, K) keeps only
+        those patches. A frame mask with no padded frame is treated as no mask.
         """
         grid = self.check_frames(frames)
         b, t = frames.shape[:2]
+        n = grid[0] * grid[1] * grid[2]
         if frame_mask is not None:
             frame_mask = self._check_frame_mask(frame_mask, b, t, frames.device)
+            if bool(frame_mask.all()):
+                frame_mask = None
+        if frame_mask is not None:
             frames = frames * frame_mask[:, :, None, None, None].to(frames.dtype)
         x = self.patch_embed(frames.transpose(1, 2)).flatten(2).transpose(1, 2)
+        if mask is not None:
+            mask = self._check_token_mask(mask, b, n, x.device)
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed(grid).to(x.dtype)[None]
+        positions = torch.arange(n, device=x.device).expand(b, n)
         valid = None
         if frame_mask is not None:
             slot_valid = frame_mask.view(b, grid[0], self.cfg.tubelet_size).any(dim=2)
@@ -406,12 +480,37 @@ class VideoEncoder(nn.Module):
         if keep_index is not None:
             keep_index = self._check_keep_index(keep_index, b, grid, x.device)
             x = x.gather(1, keep_index[..., None].expand(-1, -1, x.shape[-1]))
+            positions = keep_index
             valid = valid.gather(1, keep_index) if valid is not None else None
+        prefix = 0
         if self.cls_token is not None:
+            prefix = 1
             x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
             if valid is not None:
                 valid = torch.cat([valid.new_ones(b, 1), valid], dim=1)
-        return x, valid
+        return VideoTokens(x, valid, positions, grid, grid[0], prefix)
+
+    def run_blocks(self, tokens: VideoTokens, start: int = 0, stop: int | None = None,
+                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                   hooks: Mapping[int, Sequence[TokenHook]] | None = None) -> VideoTokens:
+        """Blocks `start` .. `stop`-1 — the one loop over video blocks in evl.
+
+        `hooks[i]` run before block i; `hooks[num_layers]` after the last block (only in the call
+        that ends there), so running the tower in pieces (as backbone fusion does) applies each hook
+        exactly once. `context` reaches the gated cross-attention of the fused blocks.
+        """
+        last = len(self.blocks)
+        stop = last if stop is None else stop
+        if not 0 <= start <= stop <= last:
+            raise ValueError(f"run_blocks: need 0 <= start <= stop <= {last}, got start={start}, stop={stop}")
+        for i in range(start, stop):
+            tokens = _apply_hooks(tokens, hooks, i)
+            x = self.blocks[i](tokens.x, tokens.key_mask, context=context, context_mask=context_mask,
+                               time_slots=tokens.time_slots)
+            tokens = tokens.replace(x=x)
+        if stop == last:
+            tokens = _apply_hooks(tokens, hooks, last)
+        return tokens
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm (identity when cfg.final_norm is False, as VideoMAE with mean pooling)."""
@@ -421,6 +520,13 @@ class VideoEncoder(nn.Module):
         if tuple(mask.shape) != (b, t):
             raise ValueError(f"frame_mask must be (B, T) = ({b}, {t}); got {tuple(mask.shape)}")
         return mask.to(device=device, dtype=torch.bool)
+
+    def _check_token_mask(self, mask: torch.Tensor, b: int, n: int, device: torch.device) -> torch.Tensor:
+        if tuple(mask.shape) != (b, n):
+            raise ValueError(f"mask must be (B, N) = ({b}, {n}) over the patch grid; got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = masked); got dtype {mask.dtype}")
+        return mask.to(device)
 
     def _check_keep_index(self, keep: torch.Tensor, b: int, grid: tuple[int, int, int],
                           device: torch.device) -> torch.Tensor:
@@ -448,24 +554,31 @@ class VideoEncoder(nn.Module):
     # ---- whole tower ----
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                keep_index: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> VideoEncoderOutput:
-        grid = self.check_frames(frames)
-        x, key_mask = self.embed(frames, frame_mask, keep_index)
-        slots = grid[0]
-        for blk in self.blocks:
-            x = blk(x, key_mask, context=context, context_mask=context_mask, time_slots=slots)
-        tokens = self.finalize(x)
-        token_mask = key_mask if key_mask is not None else tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
-        return VideoEncoderOutput(tokens=tokens, cls=self.pool(tokens, token_mask), token_mask=token_mask,
-                                  grid=grid)
+                keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                hooks: Mapping[int, Sequence[TokenHook]] | None = None) -> VideoEncoderOutput:
+        tokens = self.run_blocks(self.embed(frames, frame_mask, keep_index, mask), hooks=hooks)
+        out = self.finalize(tokens.x)
+        token_mask = tokens.key_mask if tokens.key_mask is not None else out.new_ones(out.shape[:2], dtype=torch.bool)
+        return VideoEncoderOutput(tokens=out, cls=self.pool(out, tokens.key_mask), token_mask=token_mask,
+                                  grid=tokens.grid, positions=tokens.positions)
 
-    def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """CLS token if there is one, else the mean of the valid tokens (VideoMAE's mean pooling)."""
         if self.cls_token is not None:
             return tokens[:, 0]
+        if token_mask is None:
+            return tokens.mean(dim=1)
         w = token_mask.to(tokens.dtype)[..., None]
         return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def _apply_hooks(tokens: VideoTokens, hooks: Mapping[int, Sequence[TokenHook]] | None, index: int) -> VideoTokens:
+    for hook in (hooks or {}).get(index, ()):
+        tokens = hook(tokens)
+        if not isinstance(tokens, VideoTokens):
+            raise TypeError(f"video token hook {hook!r} (before block {index}) must return VideoTokens, "
+                            f"got {type(tokens).__name__}")
+    return tokens
 
 
 # ------------------------------------------------------------------------------------ VideoMAE import
@@ -591,7 +704,8 @@ def load_videomae_state_dict(encoder: VideoEncoder, state_dict: dict[str, torch.
         if tuple(own[key].shape) != tuple(value.shape):
             raise CheckpointError(f"VideoMAE key for {key!r} has shape {tuple(value.shape)}, encoder expects "
                                   f"{tuple(own[key].shape)}; build the encoder with VideoEncoderConfig.from_videomae")
-    missing = sorted(set(own) - set(mapped))
+    # the mask token is evl's own (masked video modelling); VideoMAE's encoder has none
+    missing = sorted(set(own) - set(mapped) - {"mask_token"})
     if missing and strict:
         raise CheckpointError(f"VideoMAE checkpoint lacks {len(missing)} encoder keys: {missing[:8]}"
                               f"{' …' if len(missing) > 8 else ''}; use strict=False to keep them at init")

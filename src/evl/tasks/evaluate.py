@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from evl.data.annotations import Record
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key
 from evl.models.model import TextFeatures, VideoFeatures, VideoLanguageModel
-from evl.tasks.objective import multiple_choice_scores
 from evl.tasks.qa import AnswerVocab, majority_baseline, qa_accuracy
 from evl.tasks.retrieval import chance_recall, rerank_t2v, retrieval_metrics, similarity_topk
 
@@ -56,30 +55,62 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _cat_features(parts: list, cls):
-    fields = cls.__dataclass_fields__
-    out = {}
-    for f in fields:
-        vals = [getattr(p, f) for p in parts]
-        if f == "time_slots":
-            out[f] = vals[0]
-        elif vals[0] is None:
-            out[f] = None
-        else:
-            out[f] = _pad_cat(vals)
-    return cls(**out)
+
+@dataclass
+class ClipEmbeddings:
+    """A gallery of clips: `keys[i]` (file, or file@start-end for a clip window) is embedded as
+    `emb[i]`. `features` holds the token-level features too (on the CPU) when they were asked for
+    (fusion re-ranking); `undecodable` counts the clips that could not be read."""
+
+    keys: list[str]
+    emb: torch.Tensor
+    features: VideoFeatures | None
+    undecodable: int
 
 
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding dim 1 (text length differs between batches)."""
-    if tensors[0].dim() < 2 or len({t.shape[1] for t in tensors}) == 1:
-        return torch.cat(tensors)
-    n = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        pad = t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))
-        padded.append(torch.cat([t, pad], dim=1))
-    return torch.cat(padded)
+@torch.no_grad()
+def embed_clips(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None,
+                settings: EvalSettings | None = None, num_frames: int | None = None,
+                keep_tokens: bool = False) -> ClipEmbeddings:
+    """Embed every distinct clip of `records` with the dual encoder — the one gallery builder that
+    retrieval evaluation and search share. One gallery item per clip: a video file with several
+    annotated windows gives one item per window.
+
+    Only the (N, E) embeddings are kept unless `keep_tokens` (then token features are moved to the
+    CPU batch by batch, so a large gallery does not fill the accelerator's memory).
+    """
+    s = _resolve(settings or EvalSettings())
+    model.eval().to(s.device)
+    first: dict[str, Record] = {}
+    for r in records:
+        first.setdefault(clip_key(r), r)
+    ds = VideoTextDataset(list(first.values()), videos_dir, clip_settings_for(model, num_frames), text="none")
+    parts, keys, skipped = [], [], 0
+    for batch, n_bad in _loader(ds, Collator(None), s):
+        skipped += n_bad
+        if batch is None:
+            continue
+        f = model.video_features(batch["frames"].to(s.device),
+                                 None if batch["frame_mask"] is None else batch["frame_mask"].to(s.device))
+        parts.append(f.to("cpu") if keep_tokens else f.embeddings_only().to("cpu"))
+        keys.extend(batch["clip_keys"])
+    if not parts:
+        raise ValueError("no video of the set could be decoded; run `evl data check` on the annotation")
+    features = VideoFeatures.cat(parts)
+    return ClipEmbeddings(keys, features.emb.float(), features if keep_tokens else None, skipped)
+
+
+@torch.no_grad()
+def embed_texts(model: VideoLanguageModel, texts: list[str], tokenizer, settings: EvalSettings | None = None,
+                keep_tokens: bool = False) -> TextFeatures:
+    """Dual-encoder text features of `texts` in batches (CPU); tokens only when `keep_tokens`."""
+    s = _resolve(settings or EvalSettings())
+    parts = []
+    for i in range(0, len(texts), s.batch_size):
+        tok = tokenizer(texts[i:i + s.batch_size], max_length=s.max_text_len)
+        f = model.text_features(tok.input_ids.to(s.device), tok.attention_mask.to(s.device))
+        parts.append(f.to("cpu") if keep_tokens else f.embeddings_only().to("cpu"))
+    return TextFeatures.cat(parts)
 
 
 @torch.no_grad()
@@ -87,66 +118,48 @@ def evaluate_retrieval(model: VideoLanguageModel, records: list[Record], videos_
                        tokenizer, settings: EvalSettings | None = None, num_frames: int | None = None) -> dict:
     """Text→video / video→text recall of the dual encoder, and t2v after fusion re-ranking of the top-k."""
     s = _resolve(settings or EvalSettings())
-    model.eval().to(s.device)
     by_video: dict[str, list[str]] = {}
-    first: dict[str, Record] = {}
-    for r in records:   # one gallery item per clip: a video file with several windows gives several
+    for r in records:
         by_video.setdefault(clip_key(r), []).extend(r.captions)
-        first.setdefault(clip_key(r), r)
-    video_records = list(first.values())
-    ds = VideoTextDataset(video_records, videos_dir, clip_settings_for(model, num_frames), text="none")
     # token-level features are kept (on the CPU) only when re-ranking needs them; otherwise just the
     # embeddings, so a 100k-clip gallery costs 100k × embed_dim floats
-    rerank = min(s.rerank_k, len(video_records)) > 0 and model.cfg.fusion.kind != "none"
-    feats, names, skipped = [], [], 0
-    for batch, n_bad in _loader(ds, Collator(tokenizer), s):
-        skipped += n_bad
-        if batch is None:
-            continue
-        batch = _to(batch, s.device)
-        f = model.video_features(batch["frames"], batch["frame_mask"])
-        feats.append(f if rerank else VideoFeatures(f.emb, f.emb[:, :0], f.token_mask[:, :0]))
-        names.extend(batch["clip_keys"])
-    if not feats:
-        raise ValueError("no video of the retrieval set could be decoded; run `evl data check` on the annotation")
-    video = _cat_features(feats, VideoFeatures)
+    rerank = min(s.rerank_k, len(by_video)) > 0 and model.has_fusion
+    gallery = embed_clips(model, records, videos_dir, s, num_frames, keep_tokens=rerank)
     captions, text_to_video = [], []
-    for vi, name in enumerate(names):
+    for vi, name in enumerate(gallery.keys):
         for c in by_video[name]:
             captions.append(c)
             text_to_video.append(vi)
     if not captions:
         raise ValueError("the retrieval set has no captions")
-    tparts = []
-    for i in range(0, len(captions), s.batch_size):
-        tok = tokenizer(captions[i:i + s.batch_size], max_length=s.max_text_len)
-        f = model.text_features(tok.input_ids.to(s.device), tok.attention_mask.to(s.device))
-        tparts.append(f if rerank else TextFeatures(f.emb, f.emb[:, :0], f.attention_mask[:, :0]))
-    text = _cat_features(tparts, TextFeatures)
+    text = embed_texts(model, captions, tokenizer, s, keep_tokens=rerank)
     t2v = torch.tensor(text_to_video)
-    out = retrieval_metrics(text.emb.float().cpu(), video.emb.float().cpu(), t2v, ties="pessimistic")
-    out.update(num_videos=len(names), num_captions=len(captions), undecodable=skipped,
-               chance_r1=chance_recall(len(names), 1), chance_r5=chance_recall(len(names), 5),
-               chance_r10=chance_recall(len(names), 10))
+    n = len(gallery.keys)
+    out = retrieval_metrics(text.emb.float(), gallery.emb, t2v, ties="pessimistic")
+    out.update(num_videos=n, num_captions=len(captions), undecodable=gallery.undecodable,
+               chance_r1=chance_recall(n, 1), chance_r5=chance_recall(n, 5), chance_r10=chance_recall(n, 10))
     if rerank:
-        out.update(_rerank(model, video, text, t2v, min(s.rerank_k, len(names)), s.batch_size))
+        out.update(_rerank(model, gallery.features, text, t2v, min(s.rerank_k, n), s.batch_size, s.device))
     return out
 
 
 def _rerank(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures, t2v: torch.Tensor, k: int,
-            batch_size: int) -> dict:
+            batch_size: int, device: str) -> dict:
     """Fusion re-ranking of each caption's dual top-k, two ways: by the matching log-odds alone
     (`rerank_*`) and by dual logit + matching log-odds (`ensemble_*`, EgoVLPv2's multiple-choice rule).
-    The fusion encoder scores each of the Nt·k shortlisted pairs once; both rankings reuse the scores."""
+    The fusion encoder scores each of the Nt·k shortlisted pairs once; both rankings reuse the scores.
+    Features live on the CPU; each chunk of pairs is moved to `device` to be scored."""
     dual_top, top = similarity_topk(text.emb, video.emb, k)
     flat_t = torch.arange(top.shape[0]).repeat_interleave(k)
     flat_v = top.reshape(-1)
     log_odds = []
-    for i in range(0, flat_t.numel(), batch_size * 4):
-        logits = model.score_pairs(video.select(flat_v[i:i + batch_size * 4]), text.select(flat_t[i:i + batch_size * 4]))
-        log_odds.append((logits[:, 1] - logits[:, 0]).float())
+    chunk = batch_size * 4
+    for i in range(0, flat_t.numel(), chunk):
+        logits = model.score_pairs(video.select(flat_v[i:i + chunk]).to(device),
+                                   text.select(flat_t[i:i + chunk]).to(device))
+        log_odds.append((logits[:, 1] - logits[:, 0]).float().cpu())
     fused = torch.cat(log_odds).view(-1, k)
-    ensemble = fused + dual_top.float() * model.logit_scale().float()
+    ensemble = fused + dual_top.float() * model.logit_scale().float().cpu()
     out = {}
     for prefix, table in (("rerank", fused), ("ensemble", ensemble)):
 
@@ -155,7 +168,7 @@ def _rerank(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures,
             cols = (top[ti] == vi[:, None]).float().argmax(dim=1)
             return table[ti, cols]
 
-        metrics = rerank_t2v(top, score_fn, t2v, batch_size=batch_size * 4, ties="pessimistic")
+        metrics = rerank_t2v(top, score_fn, t2v, batch_size=chunk, ties="pessimistic")
         out.update({f"{prefix}_{key}": v for key, v in metrics.items()})
     return out
 
@@ -174,7 +187,7 @@ def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: st
         if batch is None:
             continue
         batch = _to(batch, s.device)
-        video = model.video_features(batch["frames"], batch["frame_mask"])
+        video = model.video_features(batch["frames"], batch.get("frame_mask"))
         question = model.text_features(batch["input_ids"], batch["attention_mask"])
         ids = model.answer(video, question).argmax(-1).tolist()
         preds.extend(vocab.decode(i) for i in ids)
@@ -203,8 +216,8 @@ def evaluate_mc(model: VideoLanguageModel, records: list[Record], videos_dir: st
         if batch is None:
             continue
         batch = _to(batch, s.device)
-        scores = multiple_choice_scores(model, batch["frames"], batch["frame_mask"], batch["option_ids"],
-                                        batch["option_mask"])
+        video = model.video_features(batch["frames"], batch.get("frame_mask"))
+        scores = model.option_scores(video, batch["option_ids"], batch["option_mask"])
         k = scores.shape[1]
         correct += int((scores.argmax(1) == batch["answer_index"]).sum())
         total += scores.shape[0]

@@ -28,7 +28,7 @@ __all__ = [
     "qa_accuracy",
 ]
 
-UNKNOWN_ANSWER_ID = -100  # matches the ignore_index of evl.objectives.qa_loss
+UNKNOWN_ANSWER_ID = -100  # matches the ignore_index of evl.losses.functional.qa_loss
 
 
 def normalize_answer(answer: str) -> str:

@@ -17,10 +17,18 @@ What it guarantees, and how (details in the helper modules):
 Under torchrun the Trainer joins the process group from the environment and destroys it at the end
 of `fit` — unless the caller created it, in which case it is left open.
 
-`find_unused_parameters` (DDP) defaults to False: it costs a graph traversal every step, and most
-evl models use every parameter every step. Models with conditionally used branches (a fusion
-encoder switched off, a frame prompter bypassed) need `find_unused_parameters=True`; DDP's error
-for that case is re-raised with this advice.
+Parameters that the training objective never sends a gradient to (the MLM head when no loss term
+uses it, the last fused block's cross-attention with MLM alone) would stall DDP's gradient
+reduction. They are *found*, not guessed: before wrapping, one probe forward/backward on a small real
+batch lists the trainable parameters whose gradient stays None, and those are frozen
+(`freeze_gradient_free`). The probe restores the RNG and the module state afterwards, so the run is
+the same as without it. `find_unused_parameters` (DDP) stays False: it costs a graph traversal every
+step; DDP's error for a model whose used parameters change from step to step is re-raised with advice.
+
+Precision: `train.precision: auto` (the default) picks bf16 autocast only where the hardware runs it
+natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only
+CPU a bf16 matmul is emulated and ~100x slower. The choice and the reason are printed and recorded in
+each checkpoint's trainer state.
 """
 
 from __future__ import annotations
@@ -40,12 +48,18 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from evl.config import to_dict
-from evl.errors import ConfigError, EvlError
-from evl.train_data import CollatedBatch, GlobalBatchSampler, make_train_loader, skip_none_collate
-from evl.train_dist import DistContext, init_distributed, no_sync, unwrap_model, wrap_model
-from evl.train_log import MetricsLogger
-from evl.train_optim import build_param_groups, lr_factor
-from evl.train_state import Progress, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from evl.errors import CheckpointError, ConfigError, EvlError
+from evl.train.data import (
+    CollatedBatch,
+    GlobalBatchSampler,
+    make_probe_batch,
+    make_train_loader,
+    skip_none_collate,
+)
+from evl.train.dist import DistContext, init_distributed, no_sync, unwrap_model, wrap_model
+from evl.train.log import MetricsLogger
+from evl.train.optim import build_param_groups, lr_factor
+from evl.train.state import Progress, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 __all__ = [
     "Callback",
@@ -81,8 +95,8 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     clip_grad_norm: float = 1.0  # 0 = no clipping (the norm is still computed and logged)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    lr_mults: dict[str, float] = field(default_factory=dict)  # name substring -> lr multiplier
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 only where the hardware runs it natively
+    lr_mults: dict[str, float] = field(default_factory=dict)  # module-path pattern -> lr multiplier
     ckpt_every: int = 1000  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk; 0 = all
     log_every: int = 10
@@ -171,7 +185,7 @@ class Trainer:
 
     `collate_fn` turns a list of samples into a batch (torch's default collate if None); it is wrapped
     by :func:`skip_none_collate`. `param_groups_fn(model, cfg)` may replace the default AdamW groups
-    (:func:`evl.train_optim.build_param_groups`); each group may carry `lr_mult`. `model_config` is
+    (:func:`evl.train.optim.build_param_groups`); each group may carry `lr_mult`. `model_config` is
     saved as config.json beside the weights (default: `model.config` if it is a dataclass or dict).
     """
 
@@ -193,6 +207,7 @@ class Trainer:
         self.ctx = DistContext()
         self.wrapped: nn.Module = model
         self.optimizer: torch.optim.Optimizer | None = None
+        self.frozen: list[str] = []
         self.logger: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------- setup
@@ -207,21 +222,17 @@ class Trainer:
                               f"(train.batch_size={self.cfg.batch_size}); lower batch_size")
         return self.cfg.batch_size // per
 
-    def _autocast_dtype(self) -> torch.dtype | None:
-        if self.cfg.precision != "bf16":
-            return None
-        dev = self.ctx.device
-        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-            self._warn("bf16 is not supported on this GPU; training in fp32")
-            return None
-        return torch.bfloat16
-
     def _setup(self) -> None:
+        from evl.precision import resolve_precision
+
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.ctx.rank)  # dropout stream; each rank its own
         random.seed(cfg.seed + self.ctx.rank)
         np.random.seed((cfg.seed + self.ctx.rank) % 2**32)
         self.model.train()
+        self.precision = resolve_precision(cfg.precision, self.ctx.device)
+        self._dtype = self.precision.autocast_dtype
+        self._probe_unused()
         self.wrapped = wrap_model(self.model, self.ctx, cfg.strategy, cfg.find_unused_parameters)
         inner = unwrap_model(self.wrapped)
         groups = (self.param_groups_fn(inner, cfg) if self.param_groups_fn
@@ -230,7 +241,24 @@ class Trainer:
             g.setdefault("lr_mult", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
-        self._dtype = self._autocast_dtype()
+
+    def _probe_unused(self) -> None:
+        """Freeze what no loss reaches (see the module docstring), from a probe on the first samples."""
+        from evl.train.probe import freeze_gradient_free
+
+        n = min(len(self.dataset), max(2, self.cfg.batch_size // (self.ctx.world_size * self.cfg.grad_accum)))  # type: ignore[arg-type]
+        batch = make_probe_batch(self.dataset, self.collate_fn, n, self.cfg.seed)
+        if batch is None:
+            return
+        batch = _to_device(batch, self.ctx.device)
+        self.model.to(self.ctx.device)
+
+        def run() -> torch.Tensor:
+            with torch.autocast(self.ctx.device.type, dtype=self._dtype or torch.bfloat16,
+                                enabled=self._dtype is not None):
+                return self.loss_fn(self.model, batch)["loss"]
+
+        self.frozen = freeze_gradient_free(self.model, run)
 
     def _warn(self, text: str) -> None:
         if self.ctx.is_main and self.logger is not None:
@@ -272,6 +300,15 @@ class Trainer:
         if resume:
             self._warn(f"resumed from {ckpt} at step {progress.step}" if ckpt
                        else f"resume: no checkpoint in {cfg.out_dir}; starting from step 0")
+        self._warn(f"precision {self.precision.name} ({self.precision.reason})")
+        if self.frozen:
+            self._warn(f"{len(self.frozen)} parameter tensors get no gradient from this objective and stay frozen "
+                       f"(e.g. {', '.join(self.frozen[:4])})")
+        per_micro = micro * self.ctx.world_size
+        if progress.samples_in_epoch % per_micro:
+            raise CheckpointError(f"cannot resume from {ckpt}: {progress.samples_in_epoch} samples of the epoch were "
+                                  f"consumed, not a whole number of micro-batches of {per_micro} (per-rank batch × "
+                                  f"ranks); use a train.grad_accum that divides the global batch into such steps")
         start_wall = time.perf_counter()
         history: list[dict[str, Any]] = []
         last_saved = progress.step if ckpt is not None else -1
@@ -279,20 +316,20 @@ class Trainer:
         while progress.step < cfg.max_steps:
             sampler = GlobalBatchSampler(len(self.dataset), micro, self.ctx.world_size,  # type: ignore[arg-type]
                                          self.ctx.rank, cfg.grad_accum, cfg.seed, progress.epoch,
-                                         progress.micro_in_epoch)
+                                         progress.samples_in_epoch // per_micro)
             loader = make_train_loader(self.dataset, self.collate_fn, sampler, cfg.num_workers,
                                        pin_memory=self.ctx.device.type == "cuda")
             batches = iter(loader)
-            micro_per_epoch = sampler.steps_per_epoch * cfg.grad_accum
+            samples_per_epoch = sampler.steps_per_epoch * cfg.batch_size
             epoch = progress.epoch
             while progress.epoch == epoch and progress.step < cfg.max_steps:
                 t_step = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
                 record = self._train_step(micro_batches, progress)
                 progress.step += 1
-                progress.micro_in_epoch += cfg.grad_accum
-                if progress.micro_in_epoch >= micro_per_epoch:
-                    progress.epoch, progress.micro_in_epoch = progress.epoch + 1, 0
+                progress.samples_in_epoch += cfg.batch_size
+                if progress.samples_in_epoch >= samples_per_epoch:
+                    progress.epoch, progress.samples_in_epoch = progress.epoch + 1, 0
                 dt = time.perf_counter() - t_step
                 progress.elapsed_s += dt
                 record.update(step=progress.step, clips_per_s=round(self._last_samples / max(dt, 1e-9), 3),
@@ -315,7 +352,8 @@ class Trainer:
     def _save(self, progress: Progress) -> str:
         meta = {"global_batch": self.cfg.batch_size, "seed": self.cfg.seed,
                 "dataset_size": len(self.dataset),  # type: ignore[arg-type]
-                "train_config": to_dict(self.cfg)}
+                "train_config": to_dict(self.cfg), "precision": self.precision.name,
+                "precision_reason": self.precision.reason}
         path = save_training_checkpoint(self.ctx, self.wrapped, self.optimizer, progress, meta,
                                         self.model_config, self.cfg.out_dir, self.cfg.keep_last)
         for cb in self.callbacks:

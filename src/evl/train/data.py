@@ -27,6 +27,7 @@ __all__ = [
     "CollatedBatch",
     "GlobalBatchSampler",
     "derive_seed",
+    "make_probe_batch",
     "make_train_loader",
     "skip_none_collate",
 ]
@@ -200,3 +201,10 @@ def make_train_loader(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] |
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, sampler.start_micro, sampler.rank)),
     )
+
+
+def make_probe_batch(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int, seed: int) -> Any:
+    """The first `n` samples, collated exactly as training collates (seeded, batch transforms
+    included), for a probe pass (`evl.train.probe`); None when every one of them was bad."""
+    indexed = _IndexSeededDataset(dataset, seed, epoch=-1)
+    return _SeededCollate(collate_fn, seed, epoch=-1)([indexed[i] for i in range(n)]).batch

@@ -1,8 +1,8 @@
-"""Training objectives: contrastive (VTC, EgoNCE), matching (VTM with hard negatives), MLM, QA,
-multiple choice and distillation.
+"""The loss functions behind evl's loss terms: contrastive (VTC, EgoNCE), matching (VTM with hard
+negatives), MLM, QA, multiple choice and distillation.
 
 All are pure functions (or tiny modules) on tensors so each can be unit-tested on hand-computable
-cases. Contrastive losses gather embeddings across ranks with gradient (``evl.distributed``) so that
+cases; `evl.losses.terms` wraps each into a named loss term a recipe can list. Contrastive losses gather embeddings across ranks with gradient (``evl.distributed``) so that
 W ranks of batch B behave like one process on batch W·B.
 
 Convention for similarity matrices: ``sim[i, j]`` is video i against text j.
@@ -32,6 +32,7 @@ __all__ = [
     "mlm_loss",
     "qa_loss",
     "sample_hard_negatives",
+    "similarity_logits",
     "vtc_loss",
     "vtm_loss",
 ]
@@ -68,26 +69,42 @@ def _check_pair(video_emb: torch.Tensor, text_emb: torch.Tensor, name: str) -> N
 def _as_scale(logit_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     if isinstance(logit_scale, nn.Module):
         logit_scale = logit_scale()
-    return torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device)
+    return torch.as_tensor(logit_scale, device=like.device).to(like.dtype)
+
+
+def similarity_logits(video_emb: torch.Tensor, text_emb: torch.Tensor,
+                      logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """scale · normalise(video) @ normalise(text)ᵀ in fp32, also inside a bf16 autocast region.
+
+    Why fp32: at a logit scale near 100, bf16's 8-bit mantissa puts neighbouring logits ~0.5 apart,
+    which is the size of the differences a contrastive softmax has to resolve.
+    """
+    with torch.autocast(video_emb.device.type, enabled=False):
+        v = F.normalize(video_emb.float(), dim=-1)
+        t = F.normalize(text_emb.float(), dim=-1)
+        return _as_scale(logit_scale, v) * v @ t.t()
 
 
 def _gathered_logits(
     video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float, gather: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Return (video→all-texts logits, text→all-videos logits, row offset of this rank).
+    """Return (video→all-texts logits, text→all-videos logits, row offset of this rank), in fp32.
 
     Queries are this rank's rows; keys are the global batch. Row i's positive is column offset+i.
+    Autocast is switched off here so the logits and the logsumexp over them stay fp32 (see
+    :func:`similarity_logits`).
     """
-    v = F.normalize(video_emb, dim=-1)
-    t = F.normalize(text_emb, dim=-1)
-    offset = 0
-    v_all, t_all = v, t
-    if gather and is_dist_initialized() and get_world_size() > 1:
-        v_all = all_gather_with_grad(v)
-        t_all = all_gather_with_grad(t)
-        offset = get_rank() * v.shape[0]
-    scale = _as_scale(logit_scale, v)
-    return scale * v @ t_all.t(), scale * t @ v_all.t(), offset
+    with torch.autocast(video_emb.device.type, enabled=False):
+        v = F.normalize(video_emb.float(), dim=-1)
+        t = F.normalize(text_emb.float(), dim=-1)
+        offset = 0
+        v_all, t_all = v, t
+        if gather and is_dist_initialized() and get_world_size() > 1:
+            v_all = all_gather_with_grad(v)
+            t_all = all_gather_with_grad(t)
+            offset = get_rank() * v.shape[0]
+        scale = _as_scale(logit_scale, v)
+        return scale * v @ t_all.t(), scale * t @ v_all.t(), offset
 
 
 def vtc_loss(
@@ -107,7 +124,8 @@ def vtc_loss(
     _check_pair(video_emb, text_emb, "vtc_loss")
     logits_v2t, logits_t2v, offset = _gathered_logits(video_emb, text_emb, logit_scale, gather)
     labels = torch.arange(video_emb.shape[0], device=video_emb.device) + offset
-    return 0.5 * (F.cross_entropy(logits_v2t, labels) + F.cross_entropy(logits_t2v, labels))
+    with torch.autocast(video_emb.device.type, enabled=False):
+        return 0.5 * (F.cross_entropy(logits_v2t, labels) + F.cross_entropy(logits_t2v, labels))
 
 
 def egonce_positive_mask(verbs: Sequence[Sequence], nouns: Sequence[Sequence]) -> torch.Tensor:
@@ -166,7 +184,8 @@ def egonce_loss(
         mask = positive_mask.to(device=video_emb.device, dtype=torch.bool)
         pos_v2t = mask[rows] | eye
         pos_t2v = mask.t()[rows] | eye
-    return 0.5 * (_multi_positive_nce(logits_v2t, pos_v2t) + _multi_positive_nce(logits_t2v, pos_t2v))
+    with torch.autocast(video_emb.device.type, enabled=False):
+        return 0.5 * (_multi_positive_nce(logits_v2t, pos_v2t) + _multi_positive_nce(logits_t2v, pos_t2v))
 
 
 @dataclass

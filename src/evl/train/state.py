@@ -2,9 +2,12 @@
 
 A checkpoint is a directory `out_dir/checkpoints/step_00000005/` holding
 
-* `model.safetensors` + `config.json`  — the weights and the model config (loadable on their own);
+* `model.safetensors` + `config.json`  — the model's weights and config (loadable on their own: what
+  `evl eval`, `--init` and `from_pretrained` read);
+* `aux.safetensors` — the auxiliary state of the training objective (loss terms' teachers, tokenizers,
+  decoders, selectors), present only when there is any; `--resume` needs it, evaluation never does;
 * `optimizer.safetensors` + `optimizer.json` — optimizer tensors, and its structure/hyper-parameters;
-* `trainer_state.json` — step, data position (epoch, micro-batch within the epoch), counters;
+* `trainer_state.json` — step, data position (epoch, samples consumed in the epoch), counters;
 * `rng_rank{r}.safetensors` + `rng_rank{r}.json` — each rank's torch CPU/CUDA, numpy and python RNG.
 
 It is written into `.tmp-step_...` and renamed into place when complete; `latest.json` is written
@@ -31,14 +34,13 @@ from evl.checkpoint import (
     atomic_write_json,
     atomic_write_safetensors,
     commit_dir,
-    load_model_state,
     load_tensor_tree,
     load_tensors,
     read_json,
     save_tensor_tree,
 )
 from evl.errors import CheckpointError
-from evl.train_dist import DistContext, full_state_dicts, is_fsdp, unwrap_model
+from evl.train.dist import DistContext, full_state_dicts, is_fsdp, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,19 @@ LATEST = "latest.json"
 STATE_FILE = "trainer_state.json"
 
 
+AUX_FILE = "aux.safetensors"
+MODEL_PREFIX = "model."
+
+
 @dataclass
 class Progress:
-    """Where training is. `micro_in_epoch` counts this epoch's consumed micro-batches (per rank)."""
+    """Where training is. `samples_in_epoch` counts this epoch's consumed samples (global batch ×
+    steps): unlike a count of micro-batches it means the same thing whatever the number of ranks and
+    `train.grad_accum`, so a run may resume with a different accumulation."""
 
     step: int = 0
     epoch: int = 0
-    micro_in_epoch: int = 0
+    samples_in_epoch: int = 0
     skipped_samples: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
@@ -110,6 +118,26 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> No
 # ------------------------------------------------------------------------------------------- save
 
 
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state without the "model." prefix, auxiliary state). A module without a "model."
+    sub-module (the Trainer trains any module) keeps everything in the model part."""
+    if not any(k.startswith(MODEL_PREFIX) for k in state):
+        return state, {}
+    model = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    return model, {k: v for k, v in state.items() if not k.startswith(MODEL_PREFIX)}
+
+
+def _joined_state(module: nn.Module, ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's model + auxiliary tensors under the names of `module`'s state dict."""
+    model = load_tensors(ckpt / MODEL_FILE)
+    aux = load_tensors(ckpt / AUX_FILE) if (ckpt / AUX_FILE).is_file() else {}
+    own = module.state_dict().keys()
+    wrapped = any(k.startswith(MODEL_PREFIX) for k in own)
+    if wrapped and not any(k.startswith(MODEL_PREFIX) for k in model):
+        model = {MODEL_PREFIX + k: v for k, v in model.items()}
+    return {**model, **aux}
+
+
 def _prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` step_* directories (0 keeps all)."""
     if keep_last <= 0:
@@ -138,7 +166,10 @@ def save_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
     atomic_write_json(tmp / f"rng_rank{ctx.rank}.json", rng_info)
     ctx.barrier()
     if ctx.is_main:
-        atomic_write_safetensors(tmp / MODEL_FILE, model_state)
+        model_part, aux_part = split_state(model_state)
+        atomic_write_safetensors(tmp / MODEL_FILE, model_part)
+        if aux_part:
+            atomic_write_safetensors(tmp / AUX_FILE, aux_part)
         atomic_write_json(tmp / CONFIG_FILE, model_config)
         save_tensor_tree(tmp, "optimizer", optim_state)
         atomic_write_json(tmp / STATE_FILE, {**asdict(progress), **meta, "world_size": ctx.world_size})
@@ -162,10 +193,21 @@ def _load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer
         )
 
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, load_tensors(ckpt / MODEL_FILE), options=opts)
+        set_model_state_dict(model, _joined_state(model, ckpt), options=opts)
         set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
         return
-    load_model_state(unwrap_model(model), ckpt / MODEL_FILE, strict=True)
+    module = unwrap_model(model)
+    state = _joined_state(module, ckpt)
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt} does not fit this run's model and loss terms: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}. Resume with the recipe (model and objectives) "
+                              "that wrote it, or start a new train.out_dir.")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise CheckpointError(f"{ckpt}: tensors of another shape than this run's model: {bad[:8]}")
+    module.load_state_dict(state, strict=True)
     try:
         optimizer.load_state_dict(optim_state)
     except (ValueError, KeyError) as e:
@@ -179,6 +221,7 @@ def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
 
     `expect` holds settings that must match for the data position to mean the same thing (the global
     batch size); a mismatch raises CheckpointError instead of silently replaying or skipping data.
+    `train.grad_accum` and the number of ranks may change: the position is stored in samples.
     """
     state = read_json(ckpt / STATE_FILE)
     for key, value in expect.items():
@@ -195,4 +238,8 @@ def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
         log.warning("%s has no RNG state for rank %d (world size changed?); dropout will not replay exactly",
                     ckpt, ctx.rank)
     fields = Progress.__dataclass_fields__
-    return Progress(**{k: v for k, v in state.items() if k in fields})
+    progress = Progress(**{k: v for k, v in state.items() if k in fields})
+    if "micro_in_epoch" in state and "samples_in_epoch" not in state:   # written before samples were counted
+        accum = int(state.get("train_config", {}).get("grad_accum", 1))
+        progress.samples_in_epoch = int(state["micro_in_epoch"]) * int(state.get("global_batch", 0)) // max(accum, 1)
+    return progress

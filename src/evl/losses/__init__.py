@@ -1,0 +1,88 @@
+"""Loss terms and the one list of them.
+
+`TERMS` is the single place that names the available terms: recipes validate their `objectives:`
+against it, the Trainer logs each term under its name, and the quickstart plot reads the names from
+here. A technique adds its term class to `TERMS` (one line) and nothing else in the house changes.
+The loss functions themselves live in `evl.losses.functional`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from evl.errors import ConfigError
+from evl.losses.terms import (
+    EgoNCETerm,
+    LossTerm,
+    MCTerm,
+    MLMTerm,
+    QATerm,
+    TermContext,
+    VTCTerm,
+    VTMTerm,
+)
+
+TERMS: dict[str, type[LossTerm]] = {
+    cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, MLMTerm, QATerm, MCTerm)
+}
+
+__all__ = ["TERMS", "LossTerm", "TermContext", "build_terms", "parse_objectives", "term_names"]
+
+
+def term_names() -> list[str]:
+    """The names a recipe's `objectives:` may use, in the order terms run."""
+    return list(TERMS)
+
+
+def parse_objectives(spec: Mapping[str, Any], where: str = "objectives") -> dict[str, tuple[float, dict]]:
+    """`{vtc: 1, mlm: {weight: 1, mask_prob: 0.2}}` → {name: (weight, options)}, terms with weight 0
+    dropped, in `TERMS` order. Unknown names and bad weights are errors naming the nearest valid one."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of loss term → weight, got {spec!r}")
+    parsed: dict[str, tuple[float, dict]] = {}
+    for name, value in spec.items():
+        if name not in TERMS:
+            close = difflib.get_close_matches(str(name), list(TERMS), n=1, cutoff=0.4)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown loss term {name!r}; {hint}available: {', '.join(TERMS)}")
+        options = dict(value) if isinstance(value, Mapping) else {"weight": value}
+        weight = options.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"{where}.{name}: the weight must be a number >= 0, got {weight!r}")
+        if weight > 0:
+            parsed[name] = (float(weight), options)
+    if not parsed:
+        raise ConfigError(f"{where}: every loss term has weight 0 (or none is listed): nothing to train; "
+                          f"list at least one of {', '.join(TERMS)} (e.g. {where}: {{vtc: 1}})")
+    return {name: parsed[name] for name in TERMS if name in parsed}
+
+
+def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objectives"
+                ) -> tuple[dict[str, LossTerm], dict[str, float]]:
+    """Instantiate the recipe's terms → ({name: term}, {name: weight}). A term that needs the fusion
+    path on a model without one, or an option the term does not take, is an error naming both."""
+    parsed = parse_objectives(spec, where)
+    ctx.enabled = tuple(parsed)
+    terms: dict[str, LossTerm] = {}
+    for name, (_, options) in parsed.items():
+        cls = TERMS[name]
+        if cls.needs_fusion and not _has_fusion(ctx.model_cfg):
+            raise ConfigError(f"{where}.{name} needs a fusion model (fusion.kind 'encoder' or 'backbone'); "
+                              "this model has fusion.kind='none'. Drop the term or pick a model with fusion.")
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"{where}.{name}: unknown option(s) {', '.join(unknown)}; "
+                              f"this term takes: weight{''.join(', ' + a for a in accepted)}")
+        try:
+            terms[name] = cls(ctx, **options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}.{name}: {e}") from e
+    return terms, {name: w for name, (w, _) in parsed.items()}
+
+
+def _has_fusion(model_cfg: Any) -> bool:
+    return getattr(getattr(model_cfg, "fusion", None), "kind", "none") != "none"

@@ -1,0 +1,118 @@
+"""The per-step cache that loss terms share: each feature is computed once per step, on first request.
+
+A loss term asks `step["video"]`, `step["text"]`, `step["masked_text"]`, ... and never calls the model
+for a feature another term may also need. So VTC, VTM and MLM together run the video tower once and
+the text tower twice (plain and masked captions), whatever order or subset of terms a recipe lists,
+and a new term adds no duplicate forward pass.
+
+Features are named functions of the step (`FEATURES` below). A technique that needs a new one (a
+masked video, a teacher's output) provides it from its loss term (`LossTerm.features`), so nothing
+here changes when a technique is added. Video token operations (drop, merge, select frames) reach
+the video tower as hooks (`LossTerm.video_hooks`), applied whenever the step encodes video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from evl.distributed import all_gather_object, get_rank
+from evl.errors import EvlError
+
+Feature = Callable[["StepCache"], Any]
+
+
+class StepCache:
+    """What one training step has computed so far: `step[name]` computes the feature on first use.
+
+    `batch` is the collated batch; `model` the VideoLanguageModel being trained; `video_hooks` the
+    token hooks the enabled terms put into the video tower (layer index → hooks).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: Mapping[str, Any], features: Mapping[str, Feature],
+                 video_hooks: Mapping[int, list] | None = None):
+        self.model = model
+        self.batch = batch
+        self.video_hooks = dict(video_hooks or {})
+        self._features = features
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            if name not in self._features:
+                raise EvlError(f"no loss term provides the step feature {name!r}; "
+                               f"available: {', '.join(sorted(self._features))}")
+            self._values[name] = self._features[name](self)
+        return self._values[name]
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the feature has been computed in this step already (it is not computed here)."""
+        return name in self._values
+
+    def need(self, key: str, term: str) -> Any:
+        """A batch entry a term cannot work without; a missing one is an error naming both."""
+        if key not in self.batch or self.batch[key] is None:
+            raise EvlError(f"loss term {term!r} needs the batch entry {key!r}, which this data does not "
+                           f"provide (batch has: {', '.join(sorted(k for k in self.batch if self.batch[k] is not None))}). "
+                           "Check the recipe's task and objectives.")
+        return self.batch[key]
+
+
+# ------------------------------------------------------------------------------------- built-in features
+
+
+def _video(step: StepCache):
+    b = step.batch
+    return step.model.video_features(step.need("frames", "video"), b.get("frame_mask"),
+                                     hooks=step.video_hooks or None)
+
+
+def _text(step: StepCache):
+    return step.model.text_features(step.need("input_ids", "text"), step.batch["attention_mask"])
+
+
+def _masked_text(step: StepCache):
+    return step.model.text_features(step.need("mlm_input_ids", "mlm"), step.batch["attention_mask"])
+
+
+def _logit_scale(step: StepCache) -> torch.Tensor:
+    return step.model.logit_scale()
+
+
+def _clip_positives(step: StepCache) -> torch.Tensor:
+    """(W·B, W·B) bool over the global batch: pairs showing the same clip (captions of one clip are
+    positives, not negatives). Every rank runs the same collective, so no rank waits on another."""
+    b = step.batch["frames"].shape[0]
+    keys = step.batch.get("clip_keys") or step.batch.get("video_names") or [f"{get_rank()}:{i}" for i in range(b)]
+    keys = [k for part in all_gather_object(list(keys)) for k in part]
+    ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    clip = torch.tensor([ids[key] for key in keys], device=step.batch["frames"].device)
+    return clip[:, None] == clip[None, :]
+
+
+def _tag_positives(step: StepCache) -> torch.Tensor:
+    """(W·B, W·B) bool: pairs sharing a verb and a noun (EgoNCE); all False when the data has no tags."""
+    from evl.losses.functional import egonce_positive_mask
+
+    b = step.batch["frames"].shape[0]
+    verbs = [v for part in all_gather_object(step.batch.get("verbs") or [[]] * b) for v in part]
+    nouns = [n for part in all_gather_object(step.batch.get("nouns") or [[]] * b) for n in part]
+    return egonce_positive_mask(verbs, nouns).to(step.batch["frames"].device)
+
+
+FEATURES: dict[str, Feature] = {
+    "video": _video,
+    "text": _text,
+    "masked_text": _masked_text,
+    "logit_scale": _logit_scale,
+    "clip_positives": _clip_positives,
+    "tag_positives": _tag_positives,
+}
+
+
+def local_block(mask: torch.Tensor, b: int) -> torch.Tensor:
+    """This rank's (B, B) block of a global (W·B, W·B) mask (hard negatives are mined per rank)."""
+    r = get_rank()
+    return mask[r * b:(r + 1) * b, r * b:(r + 1) * b]

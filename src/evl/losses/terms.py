@@ -1,0 +1,183 @@
+"""Loss terms: each objective as one small unit with a name, what it needs, and its loss.
+
+A term is an `nn.Module` so that whatever it owns that is not the model — a frozen teacher, a frozen
+tokenizer, a reconstruction decoder, a frame selector — is an *auxiliary module* of the training
+objective: trained (or kept frozen) with the run, saved in the checkpoint's auxiliary state for
+`--resume`, and never needed by `evl eval` (see `evl.train.objective`).
+
+What a term may declare besides its `forward(step)`:
+
+* `batch_transforms()` — functions applied to the collated batch inside the seeded collate (MLM
+  masking here; video masks for masked video modelling), so masks are reproducible and a resumed run
+  sees the masks an uninterrupted one would;
+* `features()` — new named step features (`evl.losses.step`) it computes for itself or other terms;
+* `video_hooks()` — token operations inserted into the video tower (layer index → hooks).
+
+Options come from the recipe: `objectives: {mlm: {weight: 1.0, mask_prob: 0.15}}` passes
+`mask_prob=0.15` to `MLMTerm`; a plain number is the weight alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from evl.losses.functional import (
+    build_vtm_pairs,
+    egonce_loss,
+    mc_loss,
+    mlm_loss,
+    qa_loss,
+    sample_hard_negatives,
+    similarity_logits,
+    vtm_loss,
+)
+from evl.losses.step import Feature, StepCache, local_block
+
+BatchTransform = Callable[[dict], dict]
+
+
+@dataclass
+class TermContext:
+    """What a term may read when it is built: the model's config, the tokenizer, and which other
+    terms are enabled (VTM's negatives depend on whether EgoNCE is on)."""
+
+    model_cfg: Any
+    tokenizer: Any = None
+    enabled: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LossTerm(nn.Module):
+    """Base class. Subclasses set `name` and implement `forward(step) -> unweighted scalar loss`."""
+
+    name: ClassVar[str] = ""
+    needs_fusion: ClassVar[bool] = False   # matching, MLM and QA read the cross-modal path
+
+    def __init__(self, ctx: TermContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def batch_transforms(self) -> list[BatchTransform]:
+        return []
+
+    def features(self) -> dict[str, Feature]:
+        return {}
+
+    def video_hooks(self) -> dict[int, list]:
+        return {}
+
+    def forward(self, step: StepCache) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class VTCTerm(LossTerm):
+    """Video-text contrastive (symmetric InfoNCE over the global batch). Captions of the same clip
+    in one batch are positives, not negatives (identical to plain VTC when each clip appears once)."""
+
+    name = "vtc"
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        return egonce_loss(step["video"].emb, step["text"].emb, step["logit_scale"],
+                           positive_mask=step["clip_positives"])
+
+
+class EgoNCETerm(LossTerm):
+    """EgoNCE (EgoVLP/EgoVLPv2): pairs sharing a verb and a noun count as positives too."""
+
+    name = "egonce"
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        return egonce_loss(step["video"].emb, step["text"].emb, step["logit_scale"],
+                           positive_mask=step["clip_positives"] | step["tag_positives"])
+
+
+class VTMTerm(LossTerm):
+    """Video-text matching on the fusion path with one hard negative text per video and one hard
+    negative video per text (ALBEF / EgoVLPv2), drawn from softmax(similarity) of this rank's batch.
+
+    Negatives exclude the same clip always, and EgoNCE positives only when EgoNCE is on: otherwise
+    pairs sharing a verb and a noun are exactly the hard negatives VTM should see.
+    """
+
+    name = "vtm"
+    needs_fusion = True
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        video, text = step["video"], step["text"]
+        excluded = step["clip_positives"]
+        if "egonce" in self.ctx.enabled:
+            excluded = excluded | step["tag_positives"]
+        with torch.no_grad():
+            sim = similarity_logits(video.emb.detach(), text.emb.detach(), step["logit_scale"].detach())
+        b = sim.shape[0]
+        negatives = sample_hard_negatives(sim, positive_mask=local_block(excluded, b))
+        vidx, tidx, labels = build_vtm_pairs(b, negatives)
+        logits = step.model.score_pairs(video.select(vidx), text.select(tidx))
+        return vtm_loss(logits, labels)
+
+
+class MaskTokens:
+    """Batch transform: BERT masking of the captions → `mlm_input_ids`, `mlm_labels`.
+
+    A class (not a closure) so DataLoader workers started with "spawn" can pickle it. It draws from
+    the global RNG, which the Trainer's collate seeds per batch (`evl.train.data`)."""
+
+    def __init__(self, tokenizer, prob: float):
+        self.tokenizer = tokenizer
+        self.prob = prob
+
+    def __call__(self, batch: dict) -> dict:
+        from evl.data.text import mask_tokens
+
+        if "input_ids" in batch:
+            masked = mask_tokens(batch["input_ids"], batch["attention_mask"], self.tokenizer, prob=self.prob)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked.input_ids, masked.labels
+        return batch
+
+
+class MLMTerm(LossTerm):
+    """Masked language modelling on the fusion path: the masked caption attends to the video."""
+
+    name = "mlm"
+    needs_fusion = True
+
+    def __init__(self, ctx: TermContext, mask_prob: float = 0.15):
+        super().__init__(ctx)
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {mask_prob}")
+        self.mask_prob = mask_prob
+
+    def batch_transforms(self) -> list[BatchTransform]:
+        return [MaskTokens(self.ctx.tokenizer, self.mask_prob)]
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        labels = step.need("mlm_labels", self.name)
+        fused = step.model.fuse(step["video"], step["masked_text"]).text_tokens
+        logits, targets = step.model.mlm_logits(fused, labels)
+        return mlm_loss(logits[None], targets[None])   # only masked positions were projected
+
+
+class QATerm(LossTerm):
+    """Open-ended QA: classification over the training answers from the fused (video, question)."""
+
+    name = "qa"
+    needs_fusion = True
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        return qa_loss(step.model.answer(step["video"], step["text"]), step.need("answer_ids", self.name))
+
+
+class MCTerm(LossTerm):
+    """Multiple choice: cross-entropy over the options' dual+fusion scores."""
+
+    name = "mc"
+
+    def forward(self, step: StepCache) -> torch.Tensor:
+        scores = step.model.option_scores(step["video"], step.need("option_ids", self.name),
+                                          step.batch["option_mask"])
+        return mc_loss(scores, step.need("answer_index", self.name))
