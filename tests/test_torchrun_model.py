@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def _write_recipe(path: Path, synthvl: Path, out_dir: Path, model: dict) -> Path:
+def _write_recipe(path: Path, synthvl: Path, out_dir: Path, model: dict, objectives: dict | None = None,
+                  steps: int = 4) -> Path:
     recipe = {
         "task": "pretrain",
         "model": model,
@@ -29,8 +30,8 @@ def _write_recipe(path: Path, synthvl: Path, out_dir: Path, model: dict) -> Path
         # VTC only: its logits are built on the gathered global batch, so it is the same loss for any
         # number of ranks. VTM mines hard negatives within each rank's micro-batch and MLM masks per
         # micro-batch (seeded by its first sample), so both legitimately differ between world sizes.
-        "objectives": {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0},
-        "train": {"max_steps": 4, "batch_size": 8, "log_every": 1, "ckpt_every": 0, "out_dir": str(out_dir),
+        "objectives": objectives or {"vtc": 1.0},
+        "train": {"max_steps": steps, "batch_size": 8, "log_every": 1, "ckpt_every": 0, "out_dir": str(out_dir),
                   # no find_unused_parameters: with VTM and MLM off, run_recipe freezes the fusion encoder
                   # and the VTM/MLM heads, which would otherwise stall DDP's gradient reduction
                   "seed": 0, "lr": 1e-3, "precision": "fp32", "num_workers": 0},
@@ -78,3 +79,14 @@ def test_pretrain_two_ranks_match_one_rank(synthvl, tiny_model_dict_factory, tmp
     assert weights[1].keys() == weights[2].keys()
     for k, w in weights[1].items():
         torch.testing.assert_close(weights[2][k], w, atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_backbone_fusion_with_vtc_and_mlm_trains_under_ddp(synthvl, tiny_model_dict_factory, tmp_path):
+    """Backbone fusion with VTC + MLM and no VTM: the last video block's cross-attention feeds nothing
+    MLM reads, so it never gets a gradient and DDP used to stop with an unused-parameter error. The
+    probe pass finds and freezes it; a 2-rank run then trains."""
+    model = tiny_model_dict_factory("backbone", vocab_size=30522, num_frames=4)
+    model["embed_dim"] = 32
+    out = tmp_path / "run"
+    _pretrain(_write_recipe(tmp_path / "recipe.yaml", synthvl, out, model, {"vtc": 1.0, "mlm": 1.0}, steps=2), 2)
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]

@@ -344,3 +344,34 @@ def test_logger_progress_bar_and_plain_lines(tmp_path, capsys):
     off = MetricsLogger(tmp_path / "off", max_steps=3, start_step=0, log_every=1, enabled=False)
     off.log({"step": 1, "loss": 0.5})
     assert not (tmp_path / "off" / "metrics.jsonl").exists()
+
+
+def test_resume_with_another_grad_accum_sees_the_same_samples(tmp_path):
+    """The data position is stored in samples, not micro-batches: a run checkpointed with
+    grad_accum=2 and resumed with grad_accum=1 (same global batch) trains step s on exactly the
+    samples of an uninterrupted run's step s, and ends at max_steps (no bare StopIteration)."""
+
+    def recording():
+        steps: list[set[str]] = [set()]
+
+        def fn(model, batch):
+            steps[-1].update(batch["video_names"])
+            return loss_fn(model, batch)
+
+        class NextStep(Callback):
+            def on_step_end(self, trainer, record):
+                steps.append(set())
+
+        return steps, fn, NextStep()
+
+    full_steps, fn, cb = recording()
+    Trainer(make_model(), fn, NoisyData(), cfg_for(tmp_path / "a", max_steps=9, grad_accum=2), collate_fn=collate,
+            callbacks=[cb]).fit()
+    b = tmp_path / "b"
+    Trainer(make_model(), loss_fn, NoisyData(), cfg_for(b, max_steps=5, grad_accum=2), collate_fn=collate).fit()
+    resumed_steps, fn, cb = recording()
+    res = Trainer(make_model(), fn, NoisyData(), cfg_for(b, max_steps=9, grad_accum=1), collate_fn=collate,
+                  callbacks=[cb]).fit(resume=True)
+    assert res.steps == 9 and [r["step"] for r in res.history] == [6, 7, 8, 9]   # step 7 crosses into epoch 1
+    assert resumed_steps[:4] == full_steps[5:9]
+    assert all(len(s) == 8 for s in resumed_steps[:4])

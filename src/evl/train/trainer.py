@@ -21,7 +21,8 @@ Parameters that the training objective never sends a gradient to (the MLM head w
 uses it, the last fused block's cross-attention with MLM alone) would stall DDP's gradient
 reduction. They are *found*, not guessed: before wrapping, one probe forward/backward on a small real
 batch lists the trainable parameters whose gradient stays None, and those are frozen
-(`freeze_gradient_free`). The probe restores the RNG and the module state afterwards, so the run is
+(`freeze_gradient_free`) — under torchrun only: in one process AdamW skips a parameter without a
+gradient anyway, so freezing changes nothing there. The probe restores the RNG and the module state afterwards, so the run is
 the same as without it. `find_unused_parameters` (DDP) stays False: it costs a graph traversal every
 step; DDP's error for a model whose used parameters change from step to step is re-raised with advice.
 
@@ -243,9 +244,15 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
 
     def _probe_unused(self) -> None:
-        """Freeze what no loss reaches (see the module docstring), from a probe on the first samples."""
+        """Freeze what no loss reaches (see the module docstring), from a probe on the first samples.
+
+        Only under torchrun: in one process a parameter without gradient is simply skipped by AdamW
+        (weight decay included), which is exactly what freezing it does, so the probe would only cost
+        a forward/backward."""
         from evl.train.probe import freeze_gradient_free
 
+        if not self.ctx.distributed:
+            return
         n = min(len(self.dataset), max(2, self.cfg.batch_size // (self.ctx.world_size * self.cfg.grad_accum)))  # type: ignore[arg-type]
         batch = make_probe_batch(self.dataset, self.collate_fn, n, self.cfg.seed)
         if batch is None:
