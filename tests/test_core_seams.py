@@ -171,3 +171,38 @@ def test_tokenizer_comes_from_the_text_tower_and_is_recorded(tiny_model_dict_fac
     with pytest.raises(ConfigError, match="text.vocab_size=40"):
         run_recipe(load_recipe(None, [f"data.train={ann / 'pretrain.json'}", "train.batch_size=4",
                                       f"train.out_dir={tmp_path / 'run2'}", f"model={json.dumps(model)}"]))
+
+
+def test_mlm_masks_depend_on_the_sample_not_on_its_batch():
+    """A caption's MLM mask comes from its own seed and real length: the same in any batch, padding,
+    rank or accumulation step (so resuming with another grad_accum masks as before)."""
+    from evl.data.text import Tokenizer
+    from evl.losses.terms import MaskTokens
+
+    tok = Tokenizer.from_pretrained("minilm")
+    transform = MaskTokens(tok, 0.3)
+    texts = ["a red ball rolls to the left", "the blue cube spins twice, then slides slowly away", "green cone"]
+    seeds = torch.tensor([11, 22, 33])
+
+    def masks(rows: list[int]) -> dict:
+        b = tok([texts[i] for i in rows])
+        out = transform({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "sample_seeds": seeds[rows]})
+        lengths = b.attention_mask.sum(1).tolist()
+        return {i: (out["mlm_input_ids"][j, :n].tolist(), out["mlm_labels"][j, :n].tolist())
+                for j, (i, n) in enumerate(zip(rows, lengths, strict=True))}
+
+    together = masks([0, 1, 2])
+    assert together == {**masks([2, 0]), **masks([1])}
+    assert all(any(label != -100 for label in labels) for _, labels in together.values())
+    other = MaskTokens(tok, 0.3)({**{k: v for k, v in zip(("input_ids", "attention_mask"), tok(texts[:1]).__dict__.values(), strict=True)},
+                                  "sample_seeds": torch.tensor([12])})
+    assert other["mlm_labels"][0].tolist() != together[0][1] or other["mlm_input_ids"][0].tolist() != together[0][0]
+
+
+def test_objectives_override_replaces_the_recipe_terms():
+    from evl.recipes import load_recipe
+
+    assert load_recipe("pretrain-tiny", ["objectives={vtc: 1, egonce: 1}"]).objectives == {"vtc": 1, "egonce": 1}
+    assert load_recipe("pretrain-tiny", ["objectives.vtm=0"]).objectives["vtm"] == 0
+    with pytest.raises(ConfigError, match="unknown key 'mlm_prob'; it moved: .*mask_prob"):
+        load_recipe("pretrain-tiny", ["data.mlm_prob=0.2"])

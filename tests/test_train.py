@@ -355,7 +355,8 @@ def test_resume_with_another_grad_accum_sees_the_same_samples(tmp_path):
         steps: list[set[str]] = [set()]
 
         def fn(model, batch):
-            steps[-1].update(batch["video_names"])
+            if len(batch["video_names"]) > 2:     # the 2-sample probe pass before training is no step
+                steps[-1].update(batch["video_names"])
             return loss_fn(model, batch)
 
         class NextStep(Callback):

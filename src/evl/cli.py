@@ -143,7 +143,7 @@ def finetune(
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (model.safetensors + config.json)."),
-    task: str = typer.Option(..., "--task", help="retrieval, qa or mc."),
+    task: str = typer.Option(..., "--task", help="retrieval, qa or mc (pretrain = retrieval)."),
     data: Path = typer.Option(..., "--data", help="Annotation file of the evaluation split."),
     videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
     fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),

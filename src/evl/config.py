@@ -19,6 +19,9 @@ from evl.errors import ConfigError
 
 T = TypeVar("T")
 
+# keys of earlier versions, and where their setting lives now
+MOVED_KEYS = {"mlm_prob": "set the MLM masking rate as objectives: {mlm: {weight: 1, mask_prob: 0.15}}"}
+
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -108,7 +111,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, list(fields))}")
+            moved = MOVED_KEYS.get(key)
+            raise ConfigError(f"{where}: unknown key {key!r}"
+                              + (f"; it moved: {moved}" if moved else _suggest(key, list(fields))))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)

@@ -66,7 +66,7 @@ def gflops_per_clip(model: VideoLanguageModel, frames: int, text_len: int = 32) 
     video = _flops(lambda: model.video_features(clips))
     text = _flops(lambda: model.text_features(ids, mask))
     out = {"gflops_video": video / 1e9, "gflops_text": text / 1e9, "gflops_dual": (video + text) / 1e9}
-    if model.cfg.fusion.kind != "none":
+    if model.has_fusion:
         v, t = model.video_features(clips), model.text_features(ids, mask)
         fuse = _flops(lambda: model.score_pairs(v, t))
         out["gflops_fusion"] = (video + text + fuse) / 1e9

@@ -22,7 +22,7 @@ from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import ANSWERS_FILE, get_task
 from evl.train.objective import TrainObjective
-from evl.train.trainer import TrainConfig, Trainer
+from evl.train.trainer import Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ class RecipeConfig:
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded."""
     data = _expand_model(load_yaml(path, "recipes") if path is not None else {})
+    overrides = list(overrides or [])
+    # `objectives={vtc: 1, egonce: 1}` names the whole list of terms: it replaces the recipe's rather
+    # than merging into it (`objectives.vtm=0` still changes one weight)
+    whole = [o for o in overrides if o.split("=", 1)[0].strip() == "objectives"]
+    if whole:
+        data.pop("objectives", None)
     # expand `model: name` before *and* after merging, so `model.video.num_layers=2` refines the named
     # model and `model=small` replaces it
     data = _expand_model(deep_merge(data, parse_overrides(overrides or [])))
@@ -108,7 +114,7 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
 def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool) -> dict:
     import torch
 
-    from evl.data.text import tokenizer_for, tokenizer_source
+    from evl.data.text import tokenizer_for, tokenizer_name
     from evl.tasks.qa import AnswerVocab
 
     if not cfg.data.train:
@@ -127,8 +133,9 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
         cfg.model = model.cfg
     else:
         model = VideoLanguageModel(cfg.model)
-        model.cfg.text.tokenizer = tokenizer_source(model.cfg.text)   # recorded in every checkpoint
     tokenizer = tokenizer_for(model.cfg, init)
+    # recorded in every checkpoint's config, and tokenizer.json copied beside each one
+    model.cfg.text.tokenizer = tokenizer_name(tokenizer)
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
     if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
@@ -147,7 +154,8 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     objective = TrainObjective.from_spec(model, objectives_of(cfg), tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, answer_vocab=vocab, transforms=objective.batch_transforms())
     trainer = Trainer(objective, _loss, train_ds, cfg.train, collate_fn=collate,
-                      model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)})
+                      model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)},
+                      callbacks=[_CopyTokenizer(tokenizer.source)] if is_main else None)
     result = trainer.fit(resume=resume)
     summary = {"task": cfg.task, "objectives": objective.weights, "steps": result.steps,
                "final_losses": result.final_losses, "train_time_s": result.wall_time_s,
@@ -172,6 +180,16 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     return summary
 
 
+class _CopyTokenizer(Callback):
+    """Put tokenizer.json into every checkpoint, so any step_* evaluates with the run's tokenizer."""
+
+    def __init__(self, folder: Path):
+        self.file = Path(folder) / "tokenizer.json"
+
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
+        shutil.copyfile(self.file, Path(path) / "tokenizer.json")
+
+
 def _model_differences(recipe: ModelConfig, checkpoint: ModelConfig) -> list[str]:
     """Dotted keys whose values differ between two model configs (weights source and QA size aside)."""
     def flat(d: dict, prefix: str = "") -> dict:
@@ -181,7 +199,7 @@ def _model_differences(recipe: ModelConfig, checkpoint: ModelConfig) -> list[str
         return out
 
     a, b = flat(to_dict(recipe)), flat(to_dict(checkpoint))
-    skip = {"text.pretrained", "num_answers"}
+    skip = {"text.pretrained", "text.tokenizer", "num_answers"}
     return sorted(k for k in a.keys() | b.keys() if k not in skip and a.get(k) != b.get(k))
 
 

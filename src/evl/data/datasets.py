@@ -121,6 +121,10 @@ class VideoTextDataset(Dataset):
             sample["text"] = record.question
             sample["answer"] = record.answer
             sample["qtype"] = record.qtype
+        # a per-sample seed for batch transforms (MLM / video masks): drawn under the Trainer's RNG
+        # seeded by (seed, epoch, index), so a sample's masks do not depend on which micro-batch,
+        # rank or accumulation step it lands in
+        sample["seed"] = random.getrandbits(62)
         sample["verbs"] = list(record.meta.get("verbs", []))
         sample["nouns"] = list(record.meta.get("nouns", []))
         if record.options is not None:
@@ -157,6 +161,7 @@ class Collator:
             "video_names": [s["video_name"] for s in samples],
             "clip_keys": [s["clip_key"] for s in samples],
             "index": torch.tensor([s["index"] for s in samples]),
+            "sample_seeds": torch.tensor([s.get("seed", 0) for s in samples], dtype=torch.long),
             "verbs": [s["verbs"] for s in samples],
             "nouns": [s["nouns"] for s in samples],
         }

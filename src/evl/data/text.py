@@ -197,3 +197,11 @@ def tokenizer_for(model_cfg, checkpoint: str | Path | None = None) -> Tokenizer:
                        f"text.vocab_size={model_cfg.text.vocab_size}; set model.text.vocab_size={tok.vocab_size} "
                        "or text.tokenizer to the vocabulary the text weights were trained with")
     return tok
+
+
+def tokenizer_name(tokenizer: Tokenizer) -> str:
+    """How a checkpoint's config records a tokenizer: "minilm" for the packaged one (portable across
+    machines), else the absolute folder it was read from."""
+    from evl.models.text import minilm_path
+
+    return "minilm" if tokenizer.source.resolve() == minilm_path().resolve() else str(tokenizer.source.resolve())

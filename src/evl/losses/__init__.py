@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evl.errors import ConfigError
+from evl.models.fusion import FUSIONS
 from evl.losses.terms import (
     EgoNCETerm,
     LossTerm,
@@ -66,12 +67,14 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
     path on a model without one, or an option the term does not take, is an error naming both."""
     parsed = parse_objectives(spec, where)
     ctx.enabled = tuple(parsed)
+    ctx.positives = tuple(dict.fromkeys(["clip_positives", *(f for n in parsed for f in TERMS[n].positives)]))
     terms: dict[str, LossTerm] = {}
     for name, (_, options) in parsed.items():
         cls = TERMS[name]
         if cls.needs_fusion and not _has_fusion(ctx.model_cfg):
-            raise ConfigError(f"{where}.{name} needs a fusion model (fusion.kind 'encoder' or 'backbone'); "
-                              "this model has fusion.kind='none'. Drop the term or pick a model with fusion.")
+            raise ConfigError(f"{where}.{name} needs a fusion model; this model has fusion.kind="
+                              f"{ctx.model_cfg.fusion.kind!r}. Drop the term or pick a model with fusion "
+                              f"(fusion.kind: {' | '.join(k for k, v in FUSIONS.items() if v is not None)}).")
         accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
@@ -85,4 +88,4 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
 
 
 def _has_fusion(model_cfg: Any) -> bool:
-    return getattr(getattr(model_cfg, "fusion", None), "kind", "none") != "none"
+    return FUSIONS.get(getattr(getattr(model_cfg, "fusion", None), "kind", None)) is not None

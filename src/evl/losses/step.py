@@ -51,10 +51,11 @@ class StepCache:
         """Whether the feature has been computed in this step already (it is not computed here)."""
         return name in self._values
 
-    def need(self, key: str, term: str) -> Any:
-        """A batch entry a term cannot work without; a missing one is an error naming both."""
+    def need(self, key: str, user: str) -> Any:
+        """A batch entry a loss term or step feature (`user`) cannot work without; a missing one is
+        an error naming both."""
         if key not in self.batch or self.batch[key] is None:
-            raise EvlError(f"loss term {term!r} needs the batch entry {key!r}, which this data does not "
+            raise EvlError(f"{user} needs the batch entry {key!r}, which this data does not "
                            f"provide (batch has: {', '.join(sorted(k for k in self.batch if self.batch[k] is not None))}). "
                            "Check the recipe's task and objectives.")
         return self.batch[key]
@@ -65,16 +66,16 @@ class StepCache:
 
 def _video(step: StepCache):
     b = step.batch
-    return step.model.video_features(step.need("frames", "video"), b.get("frame_mask"),
+    return step.model.video_features(step.need("frames", "step feature 'video'"), b.get("frame_mask"),
                                      hooks=step.video_hooks or None)
 
 
 def _text(step: StepCache):
-    return step.model.text_features(step.need("input_ids", "text"), step.batch["attention_mask"])
+    return step.model.text_features(step.need("input_ids", "step feature 'text'"), step.batch["attention_mask"])
 
 
 def _masked_text(step: StepCache):
-    return step.model.text_features(step.need("mlm_input_ids", "mlm"), step.batch["attention_mask"])
+    return step.model.text_features(step.need("mlm_input_ids", "step feature 'masked_text'"), step.batch["attention_mask"])
 
 
 def _logit_scale(step: StepCache) -> torch.Tensor:

@@ -20,7 +20,7 @@ Options come from the recipe: `objectives: {mlm: {weight: 1.0, mask_prob: 0.15}}
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -49,7 +49,7 @@ class TermContext:
     model_cfg: Any
     tokenizer: Any = None
     enabled: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    positives: tuple[str, ...] = ("clip_positives",)   # union of the enabled terms' `positives`
 
 
 class LossTerm(nn.Module):
@@ -57,6 +57,7 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str] = ""
     needs_fusion: ClassVar[bool] = False   # matching, MLM and QA read the cross-modal path
+    positives: ClassVar[tuple[str, ...]] = ()   # step features a contrastive term counts as positives
 
     def __init__(self, ctx: TermContext):
         super().__init__()
@@ -80,6 +81,7 @@ class VTCTerm(LossTerm):
     in one batch are positives, not negatives (identical to plain VTC when each clip appears once)."""
 
     name = "vtc"
+    positives = ("clip_positives",)
 
     def forward(self, step: StepCache) -> torch.Tensor:
         return egonce_loss(step["video"].emb, step["text"].emb, step["logit_scale"],
@@ -90,6 +92,7 @@ class EgoNCETerm(LossTerm):
     """EgoNCE (EgoVLP/EgoVLPv2): pairs sharing a verb and a noun count as positives too."""
 
     name = "egonce"
+    positives = ("clip_positives", "tag_positives")
 
     def forward(self, step: StepCache) -> torch.Tensor:
         return egonce_loss(step["video"].emb, step["text"].emb, step["logit_scale"],
@@ -100,8 +103,9 @@ class VTMTerm(LossTerm):
     """Video-text matching on the fusion path with one hard negative text per video and one hard
     negative video per text (ALBEF / EgoVLPv2), drawn from softmax(similarity) of this rank's batch.
 
-    Negatives exclude the same clip always, and EgoNCE positives only when EgoNCE is on: otherwise
-    pairs sharing a verb and a noun are exactly the hard negatives VTM should see.
+    Negatives exclude what any enabled contrastive term counts as a positive (the same clip always;
+    pairs sharing a verb and a noun only when EgoNCE is on): otherwise such pairs are exactly the hard
+    negatives VTM should see.
     """
 
     name = "vtm"
@@ -110,8 +114,8 @@ class VTMTerm(LossTerm):
     def forward(self, step: StepCache) -> torch.Tensor:
         video, text = step["video"], step["text"]
         excluded = step["clip_positives"]
-        if "egonce" in self.ctx.enabled:
-            excluded = excluded | step["tag_positives"]
+        for feature in self.ctx.positives:
+            excluded = excluded | step[feature]
         with torch.no_grad():
             sim = similarity_logits(video.emb.detach(), text.emb.detach(), step["logit_scale"].detach())
         b = sim.shape[0]
@@ -124,8 +128,11 @@ class VTMTerm(LossTerm):
 class MaskTokens:
     """Batch transform: BERT masking of the captions → `mlm_input_ids`, `mlm_labels`.
 
-    A class (not a closure) so DataLoader workers started with "spawn" can pickle it. It draws from
-    the global RNG, which the Trainer's collate seeds per batch (`evl.train.data`)."""
+    Each caption is masked with its own generator, seeded by the sample's seed (`sample_seeds`, drawn
+    per sample under the Trainer's (seed, epoch, index) RNG) and over its real length only: a caption
+    gets the same mask whatever batch, rank, accumulation step or padding it comes with, so a run
+    resumed with another `train.grad_accum` or number of ranks masks exactly as before. A class (not
+    a closure) so DataLoader workers started with "spawn" can pickle it."""
 
     def __init__(self, tokenizer, prob: float):
         self.tokenizer = tokenizer
@@ -134,9 +141,20 @@ class MaskTokens:
     def __call__(self, batch: dict) -> dict:
         from evl.data.text import mask_tokens
 
-        if "input_ids" in batch:
-            masked = mask_tokens(batch["input_ids"], batch["attention_mask"], self.tokenizer, prob=self.prob)
+        if "input_ids" not in batch:
+            return batch
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        seeds = batch.get("sample_seeds")
+        if seeds is None:
+            masked = mask_tokens(ids, mask, self.tokenizer, prob=self.prob)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked.input_ids, masked.labels
+            return batch
+        out, labels = ids.clone(), torch.full_like(ids, -100)
+        for i, n in enumerate(mask.sum(1).tolist()):
+            g = torch.Generator().manual_seed(int(seeds[i]))
+            row = mask_tokens(ids[i:i + 1, :n], mask[i:i + 1, :n], self.tokenizer, prob=self.prob, generator=g)
+            out[i, :n], labels[i, :n] = row.input_ids[0], row.labels[0]
+        batch["mlm_input_ids"], batch["mlm_labels"] = out, labels
         return batch
 
 
@@ -150,13 +168,17 @@ class MLMTerm(LossTerm):
         super().__init__(ctx)
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {mask_prob}")
+
         self.mask_prob = mask_prob
 
     def batch_transforms(self) -> list[BatchTransform]:
+        if self.ctx.tokenizer is None:
+            raise ValueError("MLM masks captions with the text tower's tokenizer; build the objective with "
+                             "TrainObjective.from_spec(model, objectives, tokenizer)")
         return [MaskTokens(self.ctx.tokenizer, self.mask_prob)]
 
     def forward(self, step: StepCache) -> torch.Tensor:
-        labels = step.need("mlm_labels", self.name)
+        labels = step.need("mlm_labels", f"loss term {self.name!r}")
         fused = step.model.fuse(step["video"], step["masked_text"]).text_tokens
         logits, targets = step.model.mlm_logits(fused, labels)
         return mlm_loss(logits[None], targets[None])   # only masked positions were projected
@@ -169,7 +191,7 @@ class QATerm(LossTerm):
     needs_fusion = True
 
     def forward(self, step: StepCache) -> torch.Tensor:
-        return qa_loss(step.model.answer(step["video"], step["text"]), step.need("answer_ids", self.name))
+        return qa_loss(step.model.answer(step["video"], step["text"]), step.need("answer_ids", f"loss term {self.name!r}"))
 
 
 class MCTerm(LossTerm):
@@ -178,6 +200,6 @@ class MCTerm(LossTerm):
     name = "mc"
 
     def forward(self, step: StepCache) -> torch.Tensor:
-        scores = step.model.option_scores(step["video"], step.need("option_ids", self.name),
+        scores = step.model.option_scores(step["video"], step.need("option_ids", f"loss term {self.name!r}"),
                                           step.batch["option_mask"])
-        return mc_loss(scores, step.need("answer_index", self.name))
+        return mc_loss(scores, step.need("answer_index", f"loss term {self.name!r}"))

@@ -22,6 +22,7 @@ from torch import nn
 
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.layers import MLP, MultiHeadAttention
+from evl.models.video import apply_hooks
 
 if TYPE_CHECKING:
     from evl.models.model import VideoLanguageModel
@@ -113,7 +114,8 @@ def run_lockstep(model: VideoLanguageModel, video: VideoFeatures, text: TextFeat
 
     Both updates in a step read the *previous* states of the other tower, so the result does not
     depend on which tower is stepped first. The video side goes through the tower's one block loop
-    (`run_blocks`, one block at a time), so token hooks apply here as in the dual pass.
+    (`run_blocks`, one block at a time); the token hooks of each layer run before both towers read
+    the video state, as in the dual pass.
     """
     vs, ts = model.video_fuse_start, model.text_fuse_start
     layers = model.text.layers[ts:]
@@ -122,10 +124,11 @@ def run_lockstep(model: VideoLanguageModel, video: VideoFeatures, text: TextFeat
                          f"{len(model.video.blocks) - vs} and text {len(layers)}")
     v, t, t_mask = video.lower, text.lower, text.attention_mask
     for i, layer in enumerate(layers):
-        v_next = model.video.run_blocks(v, vs + i, vs + i + 1, context=t, context_mask=t_mask, hooks=video.hooks)
+        v = apply_hooks(v, video.hooks, vs + i)    # both towers see the tokens the video block sees
+        v_next = model.video.run_blocks(v, vs + i, vs + i + 1, context=t, context_mask=t_mask)
         t = layer(t, t_mask, context=v.x, context_mask=v.key_mask)
         v = v_next
-    return v, t
+    return apply_hooks(v, video.hooks, len(model.video.blocks)), t
 
 
 FUSIONS: dict[str, type[nn.Module] | None] = {"encoder": CrossModalEncoder, "backbone": BackboneFusion, "none": None}

@@ -96,7 +96,7 @@ class Block(nn.Module):
 
 
 class GatedCrossAttention(nn.Module):
-    """EgoVLPv2-style fusion module: returns the *update* gate · xattn(LN(x), context).
+    """EgoVLPv2-style fusion module: returns the *update* gate · cross_attn(LN(x), context).
 
     The gate is one learnable scalar initialised to 0 (no tanh), so a tower with these modules inserted
     computes exactly what it computed without them until training moves the gate. Callers add the

@@ -456,16 +456,14 @@ class VideoEncoder(nn.Module):
         frames sees only its real frames; a tubelet is valid if any of its frames is. `mask` (B, N)
         bool, True = masked: those patches are replaced by the learnable mask token (positions are
         still added, so the model knows *where* it has to fill in). `keep_index` (B, K) keeps only
-        those patches. A frame mask with no padded frame is treated as no mask.
+        those patches. Pass `frame_mask=None` when nothing is padded (the Collator does): any mask
+        makes attention build a key mask and leave SDPA's unmasked fast path.
         """
         grid = self.check_frames(frames)
         b, t = frames.shape[:2]
         n = grid[0] * grid[1] * grid[2]
         if frame_mask is not None:
             frame_mask = self._check_frame_mask(frame_mask, b, t, frames.device)
-            if bool(frame_mask.all()):
-                frame_mask = None
-        if frame_mask is not None:
             frames = frames * frame_mask[:, :, None, None, None].to(frames.dtype)
         x = self.patch_embed(frames.transpose(1, 2)).flatten(2).transpose(1, 2)
         if mask is not None:
@@ -504,12 +502,12 @@ class VideoEncoder(nn.Module):
         if not 0 <= start <= stop <= last:
             raise ValueError(f"run_blocks: need 0 <= start <= stop <= {last}, got start={start}, stop={stop}")
         for i in range(start, stop):
-            tokens = _apply_hooks(tokens, hooks, i)
+            tokens = apply_hooks(tokens, hooks, i)
             x = self.blocks[i](tokens.x, tokens.key_mask, context=context, context_mask=context_mask,
                                time_slots=tokens.time_slots)
             tokens = tokens.replace(x=x)
         if stop == last:
-            tokens = _apply_hooks(tokens, hooks, last)
+            tokens = apply_hooks(tokens, hooks, last)
         return tokens
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -572,7 +570,8 @@ class VideoEncoder(nn.Module):
         return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
-def _apply_hooks(tokens: VideoTokens, hooks: Mapping[int, Sequence[TokenHook]] | None, index: int) -> VideoTokens:
+def apply_hooks(tokens: VideoTokens, hooks: Mapping[int, Sequence[TokenHook]] | None, index: int) -> VideoTokens:
+    """Run the hooks registered at `index` (before block `index`; `num_layers` = after the last)."""
     for hook in (hooks or {}).get(index, ()):
         tokens = hook(tokens)
         if not isinstance(tokens, VideoTokens):

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from evl.errors import ConfigError
@@ -28,7 +27,6 @@ class TaskSpec:
     objectives: dict[str, float]                # default loss terms and weights
     evaluate: Callable[..., dict]               # (model, records, videos, tokenizer, settings, ctx) -> metrics
     uses_answer_vocab: bool = False
-    aliases: tuple[str, ...] = field(default=())
 
     def check_records(self, records: list, path: str) -> None:
         """Fail before any work when the annotation cannot serve the task (e.g. a QA file for retrieval)."""
@@ -80,6 +78,3 @@ def get_task(name: str) -> TaskSpec:
                           f"tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
-
-def answers_file(folder: str | Path) -> Path:
-    return Path(folder) / ANSWERS_FILE

@@ -7,10 +7,10 @@ The same loop runs in one process and under `torchrun` (DDP, or FSDP2 for large 
 What it guarantees, and how (details in the helper modules):
 
 * the global batch is `batch_size` = per-rank micro-batch x world size x grad_accum, and a 2-rank run
-  sees exactly the samples of a 1-rank run (`train_data.GlobalBatchSampler`); the logged loss is
+  sees exactly the samples of a 1-rank run (`train.data.GlobalBatchSampler`); the logged loss is
   all-reduced, so it is the global-batch loss whatever the number of ranks;
 * `fit(resume=True)` continues exactly: weights, optimizer, RNG and data position are restored from
-  atomic, pickle-free checkpoints (`train_state`), and data-side randomness is seeded per sample;
+  atomic, pickle-free checkpoints (`train.state`), and data-side randomness is seeded per sample;
 * bad samples (None from the dataset) are dropped and counted, never a crash; a non-finite loss or
   gradient skips the update, names the videos, and stops the run after `max_nonfinite` in a row.
 
@@ -21,8 +21,7 @@ Parameters that the training objective never sends a gradient to (the MLM head w
 uses it, the last fused block's cross-attention with MLM alone) would stall DDP's gradient
 reduction. They are *found*, not guessed: before wrapping, one probe forward/backward on a small real
 batch lists the trainable parameters whose gradient stays None, and those are frozen
-(`freeze_gradient_free`) — under torchrun only: in one process AdamW skips a parameter without a
-gradient anyway, so freezing changes nothing there. The probe restores the RNG and the module state afterwards, so the run is
+(`freeze_gradient_free`). The probe restores the RNG and the module state afterwards, so the run is
 the same as without it. `find_unused_parameters` (DDP) stays False: it costs a graph traversal every
 step; DDP's error for a model whose used parameters change from step to step is re-raised with advice.
 
@@ -244,16 +243,12 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
 
     def _probe_unused(self) -> None:
-        """Freeze what no loss reaches (see the module docstring), from a probe on the first samples.
-
-        Only under torchrun: in one process a parameter without gradient is simply skipped by AdamW
-        (weight decay included), which is exactly what freezing it does, so the probe would only cost
-        a forward/backward."""
+        """Freeze what no loss reaches (see the module docstring), from a probe on the first two
+        samples. It runs in one process too, so the optimiser's parameter groups are the same however
+        the run is launched and a checkpoint resumes under torchrun or without it."""
         from evl.train.probe import freeze_gradient_free
 
-        if not self.ctx.distributed:
-            return
-        n = min(len(self.dataset), max(2, self.cfg.batch_size // (self.ctx.world_size * self.cfg.grad_accum)))  # type: ignore[arg-type]
+        n = min(len(self.dataset), 2)  # type: ignore[arg-type]
         batch = make_probe_batch(self.dataset, self.collate_fn, n, self.cfg.seed)
         if batch is None:
             return
@@ -311,11 +306,7 @@ class Trainer:
         if self.frozen:
             self._warn(f"{len(self.frozen)} parameter tensors get no gradient from this objective and stay frozen "
                        f"(e.g. {', '.join(self.frozen[:4])})")
-        per_micro = micro * self.ctx.world_size
-        if progress.samples_in_epoch % per_micro:
-            raise CheckpointError(f"cannot resume from {ckpt}: {progress.samples_in_epoch} samples of the epoch were "
-                                  f"consumed, not a whole number of micro-batches of {per_micro} (per-rank batch × "
-                                  f"ranks); use a train.grad_accum that divides the global batch into such steps")
+        per_micro = micro * self.ctx.world_size   # divides the global batch, so any stored position
         start_wall = time.perf_counter()
         history: list[dict[str, Any]] = []
         last_saved = progress.step if ckpt is not None else -1
