@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from evl.errors import ConfigError
-from evl.models.fusion import FUSIONS
 from evl.losses.terms import (
     EgoNCETerm,
     LossTerm,
@@ -25,6 +24,7 @@ from evl.losses.terms import (
     VTCTerm,
     VTMTerm,
 )
+from evl.models.fusion import FUSIONS
 
 TERMS: dict[str, type[LossTerm]] = {
     cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, MLMTerm, QATerm, MCTerm)

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from evl.config import to_dict
-from evl.errors import CheckpointError, ConfigError, EvlError
+from evl.errors import ConfigError, EvlError
 from evl.train.data import (
     CollatedBatch,
     GlobalBatchSampler,
