@@ -32,7 +32,7 @@ def test_packaged_recipes_load_with_model_expanded(name, task):
 def test_packaged_recipe_values():
     p = load_recipe("pretrain-tiny")
     assert p.objectives == {"vtc": 1.0, "vtm": 1.0, "mlm": {"weight": 1.0, "mask_prob": 0.15}}
-    assert (p.train.max_steps, p.train.batch_size, p.train.lr, p.train.schedule) == (160, 32, 3e-4, "cosine")
+    assert (p.train.max_steps, p.train.batch_size, p.train.lr, p.train.schedule) == (150, 32, 3e-4, "cosine")
     assert p.train.lr_mults == {"text": 0.3} and p.eval.rerank_k == 16
     assert load_recipe("retrieval-tiny").objectives == {"vtc": 1.0, "vtm": 1.0}
     assert load_recipe("qa-tiny").train.lr_mults == {"text": 0.3, "qa_head": 3.0}
