@@ -15,7 +15,7 @@ on the kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,19 +36,19 @@ class FusionConfig:
     `num_heads` / `mlp_ratio` apply to the separate encoder only (backbone fusion uses the towers').
     """
 
-    kind: Literal["encoder", "backbone", "none"] = "encoder"
+    kind: str = "encoder"          # a key of FUSIONS
     num_layers: int = 2
     num_heads: int = 4
     mlp_ratio: float = 4.0
 
     @property
     def tower_layers(self) -> int:
-        """Top layers of each tower that carry gated cross-attention (backbone fusion only)."""
-        return self.num_layers if self.kind == "backbone" else 0
+        """Top layers of each tower that carry gated cross-attention (fusions that live in the towers)."""
+        return self.num_layers if getattr(FUSIONS.get(self.kind), "in_towers", False) else 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("encoder", "backbone", "none"):
-            raise ValueError(f"fusion.kind: {self.kind!r} is not one of ['encoder', 'backbone', 'none']")
+        if self.kind not in FUSIONS:
+            raise ValueError(f"fusion.kind: {self.kind!r} is not one of {list(FUSIONS)}")
         if self.kind != "none" and self.num_layers < 1:
             raise ValueError(f"fusion.num_layers must be >= 1 for fusion kind {self.kind!r}; got {self.num_layers}")
 
@@ -96,6 +96,8 @@ class CrossModalEncoder(nn.Module):
 class BackboneFusion(nn.Module):
     """EgoVLPv2 fusion: no parameters of its own (the towers' top layers carry the gated
     cross-attention); `fuse` restarts both towers from the states entering their fused layers."""
+
+    in_towers = True   # the towers build gated cross-attention into their top `num_layers` layers
 
     def __init__(self, text_dim: int, video_dim: int, cfg: FusionConfig):
         super().__init__()
