@@ -206,3 +206,45 @@ def test_objectives_override_replaces_the_recipe_terms():
     assert load_recipe("pretrain-tiny", ["objectives.vtm=0"]).objectives["vtm"] == 0
     with pytest.raises(ConfigError, match="unknown key 'mlm_prob'; it moved: .*mask_prob"):
         load_recipe("pretrain-tiny", ["data.mlm_prob=0.2"])
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final files must be readable as any other
+    file the user writes, so teammates on shared storage can read final/."""
+    import os
+
+    from evl.checkpoint import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_hard_negative_sampling_survives_non_finite_similarities():
+    """NaN similarities (a diverging run) must not crash torch.multinomial: the step goes on and the
+    Trainer's non-finite guard handles the NaN loss."""
+    from evl.losses.functional import sample_hard_negatives
+
+    sim = torch.randn(4, 4)
+    sim[1, 2] = float("nan")
+    sim[2] = float("inf")
+    neg = sample_hard_negatives(sim)
+    for idx in (neg.text_for_video, neg.video_for_text):
+        assert idx.shape == (4,) and ((idx >= 0) & (idx < 4)).all() and (idx != torch.arange(4)).all()
+
+
+def test_eval_rejects_out_of_range_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from evl.cli import app
+
+    (tmp_path / "config.json").write_text("{}")
+    data = tmp_path / "a.json"
+    data.write_text("[]")
+    for args, message in ((["--frames", "0"], "--frames 0: must be a positive"),
+                          (["--rerank-k", "-1"], "--rerank-k -1: must be >= 0")):
+        result = CliRunner().invoke(app, ["eval", str(tmp_path), "--task", "retrieval", "--data", str(data), *args])
+        assert result.exit_code == 2 and message in result.output, result.output

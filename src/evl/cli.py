@@ -166,6 +166,12 @@ def evaluate(
 
     try:
         spec = get_task(task)
+        if frames is not None and frames < 1:
+            raise EvlError(f"--frames {frames}: must be a positive number of frames (or leave it out for the model's)")
+        if rerank_k < 0:
+            raise EvlError(f"--rerank-k {rerank_k}: must be >= 0 (0 switches fusion re-ranking off)")
+        if batch_size < 1:
+            raise EvlError(f"--batch-size {batch_size}: must be >= 1")
         if not (checkpoint / "config.json").is_file():
             raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
         if not data.is_file():

@@ -209,7 +209,10 @@ def _sample_rows(
     """
     b = logits.shape[0]
     has_valid = (~excluded).any(dim=1)
-    masked = logits.float().masked_fill(excluded, float("-inf"))
+    # a diverging run can put NaN/inf in the similarities; sampling uniformly there keeps the step
+    # alive so the Trainer's non-finite guard (not torch.multinomial) decides what happens
+    logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    masked = logits.masked_fill(excluded, float("-inf"))
     # Rows without any valid column: sample uniformly among j != i (the only honest fallback).
     off_diag = ~torch.eye(b, dtype=torch.bool, device=logits.device)
     fallback = torch.zeros_like(masked).masked_fill(~off_diag, float("-inf"))
