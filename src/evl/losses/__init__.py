@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from evl.errors import ConfigError
+from evl.losses.mae import VideoMAETerm
+from evl.losses.sparsify import SparsifyTerm
 from evl.losses.terms import (
     EgoNCETerm,
     LossTerm,
@@ -27,7 +29,7 @@ from evl.losses.terms import (
 from evl.models.fusion import FUSIONS
 
 TERMS: dict[str, type[LossTerm]] = {
-    cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, MLMTerm, QATerm, MCTerm)
+    cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, MLMTerm, QATerm, MCTerm, VideoMAETerm, SparsifyTerm)
 }
 
 __all__ = ["TERMS", "LossTerm", "TermContext", "build_terms", "parse_objectives", "term_names"]
@@ -40,7 +42,11 @@ def term_names() -> list[str]:
 
 def parse_objectives(spec: Mapping[str, Any], where: str = "objectives") -> dict[str, tuple[float, dict]]:
     """`{vtc: 1, mlm: {weight: 1, mask_prob: 0.2}}` → {name: (weight, options)}, terms with weight 0
-    dropped, in `TERMS` order. Unknown names and bad weights are errors naming the nearest valid one."""
+    dropped, in `TERMS` order. Unknown names and bad weights are errors naming the nearest valid one.
+
+    A token operation (`adds_loss = False`) takes options and no weight: `sparsify: {keep_rate: 0.7}`,
+    `sparsify: true` for its defaults, `sparsify: false` (or 0 / null) to switch it off; its weight
+    in the result is 0."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a mapping of loss term → weight, got {spec!r}")
     parsed: dict[str, tuple[float, dict]] = {}
@@ -49,16 +55,38 @@ def parse_objectives(spec: Mapping[str, Any], where: str = "objectives") -> dict
             close = difflib.get_close_matches(str(name), list(TERMS), n=1, cutoff=0.4)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{where}: unknown loss term {name!r}; {hint}available: {', '.join(TERMS)}")
+        if not TERMS[name].adds_loss:
+            options = _operation_options(name, value, where)
+            if options is not None:
+                parsed[name] = (0.0, options)
+            continue
         options = dict(value) if isinstance(value, Mapping) else {"weight": value}
         weight = options.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ConfigError(f"{where}.{name}: the weight must be a number >= 0, got {weight!r}")
         if weight > 0:
             parsed[name] = (float(weight), options)
-    if not parsed:
+    if not any(TERMS[name].adds_loss for name in parsed):
+        losses = [n for n, cls in TERMS.items() if cls.adds_loss]
         raise ConfigError(f"{where}: every loss term has weight 0 (or none is listed): nothing to train; "
-                          f"list at least one of {', '.join(TERMS)} (e.g. {where}: {{vtc: 1}})")
+                          f"list at least one of {', '.join(losses)} (e.g. {where}: {{vtc: 1}})")
     return {name: parsed[name] for name in TERMS if name in parsed}
+
+
+def _operation_options(name: str, value: Any, where: str) -> dict | None:
+    """Options of a token operation (no loss): a mapping, true (defaults), or false/0/null (off)."""
+    if value is None or value is False or (not isinstance(value, bool) and value == 0):
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}.{name} is a token operation with no loss: give its options as a mapping "
+                          f"(e.g. {where}.{name}: {{...}}), true for the defaults or false to switch it off; "
+                          f"got {value!r}")
+    if "weight" in value:
+        raise ConfigError(f"{where}.{name} is a token operation with no loss of its own, so it takes no "
+                          f"weight (got weight={value['weight']!r}); drop the weight key")
+    return dict(value)
 
 
 def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objectives"
@@ -84,7 +112,7 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
             terms[name] = cls(ctx, **options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}.{name}: {e}") from e
-    return terms, {name: w for name, (w, _) in parsed.items()}
+    return terms, {name: w for name, (w, _) in parsed.items() if terms[name].adds_loss}
 
 
 def _has_fusion(model_cfg: Any) -> bool:

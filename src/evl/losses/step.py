@@ -8,12 +8,18 @@ and a new term adds no duplicate forward pass.
 Features are named functions of the step (`FEATURES` below). A technique that needs a new one (a
 masked video, a teacher's output) provides it from its loss term (`LossTerm.features`), so nothing
 here changes when a technique is added. Video token operations (drop, merge, select frames) reach
-the video tower as hooks (`LossTerm.video_hooks`), applied whenever the step encodes video.
+the video tower as hooks (`LossTerm.video_hooks(step)`, asked once per step, so a hook may read the
+step: the paired text, the training progress), applied whenever the step encodes video.
+
+Batch entries the built-in features read besides frames and captions: `video_keep_index` (B, K) —
+when a batch transform put it there (masked autoencoding), the step's video is encoded from those
+patches only, so every term shares one forward of the visible tokens; `train_progress` — the
+fraction of training done, which the Trainer writes into every batch (schedules read it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,17 +33,34 @@ Feature = Callable[["StepCache"], Any]
 class StepCache:
     """What one training step has computed so far: `step[name]` computes the feature on first use.
 
-    `batch` is the collated batch; `model` the VideoLanguageModel being trained; `video_hooks` the
-    token hooks the enabled terms put into the video tower (layer index → hooks).
+    `batch` is the collated batch; `model` the VideoLanguageModel being trained; `terms` the enabled
+    loss terms, whose `video_hooks(step)` make up the token hooks of this step's video tower.
     """
 
     def __init__(self, model: torch.nn.Module, batch: Mapping[str, Any], features: Mapping[str, Feature],
-                 video_hooks: Mapping[int, list] | None = None):
+                 terms: Sequence[Any] = ()):
         self.model = model
         self.batch = batch
-        self.video_hooks = dict(video_hooks or {})
+        self._terms = tuple(terms)
+        self._hooks: dict[int, list] | None = None
         self._features = features
         self._values: dict[str, Any] = {}
+
+    @property
+    def video_hooks(self) -> dict[int, list]:
+        """Layer index → token hooks, gathered from the terms on first use in this step."""
+        if self._hooks is None:
+            hooks: dict[int, list] = {}
+            for term in self._terms:
+                for layer, fns in term.video_hooks(self).items():
+                    hooks.setdefault(layer, []).extend(fns)
+            self._hooks = hooks
+        return self._hooks
+
+    @property
+    def progress(self) -> float:
+        """The fraction of training done at this step, in [0, 1] (0 outside the Trainer)."""
+        return float(self.batch.get("train_progress", 0.0))
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._values:
@@ -67,7 +90,7 @@ class StepCache:
 def _video(step: StepCache):
     b = step.batch
     return step.model.video_features(step.need("frames", "step feature 'video'"), b.get("frame_mask"),
-                                     hooks=step.video_hooks or None)
+                                     keep_index=b.get("video_keep_index"), hooks=step.video_hooks or None)
 
 
 def _text(step: StepCache):

@@ -11,10 +11,14 @@ What a term may declare besides its `forward(step)`:
   masking here; video masks for masked video modelling), so masks are reproducible and a resumed run
   sees the masks an uninterrupted one would;
 * `features()` — new named step features (`evl.losses.step`) it computes for itself or other terms;
-* `video_hooks()` — token operations inserted into the video tower (layer index → hooks).
+* `video_hooks(step)` — token operations inserted into the video tower (layer index → hooks), asked
+  once per step so that a hook may depend on the step (the paired text, the training progress).
 
 Options come from the recipe: `objectives: {mlm: {weight: 1.0, mask_prob: 0.15}}` passes
 `mask_prob=0.15` to `MLMTerm`; a plain number is the weight alone.
+
+A term with `adds_loss = False` is a token operation with no loss of its own (SMAUG's sparsification):
+it contributes hooks, features and modules, takes options but no weight, and `forward` is not called.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class LossTerm(nn.Module):
     name: ClassVar[str] = ""
     needs_fusion: ClassVar[bool] = False   # matching, MLM and QA read the cross-modal path
     positives: ClassVar[tuple[str, ...]] = ()   # step features a contrastive term counts as positives
+    adds_loss: ClassVar[bool] = True   # False: hooks / features / modules only, no weight, no forward
 
     def __init__(self, ctx: TermContext):
         super().__init__()
@@ -69,7 +74,7 @@ class LossTerm(nn.Module):
     def features(self) -> dict[str, Feature]:
         return {}
 
-    def video_hooks(self) -> dict[int, list]:
+    def video_hooks(self, step: StepCache) -> dict[int, list]:
         return {}
 
     def forward(self, step: StepCache) -> torch.Tensor:  # pragma: no cover - abstract

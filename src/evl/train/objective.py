@@ -26,19 +26,23 @@ MODEL_PREFIX = "model."
 
 
 class TrainObjective(nn.Module):
-    """`forward(batch) -> {"loss": Σ weight·term, "<term>": unweighted value, ...}`."""
+    """`forward(batch) -> {"loss": Σ weight·term, "<term>": unweighted value, ...}`.
+
+    `weights` names the terms that add a loss; terms with `adds_loss = False` (token operations) are
+    in `terms` only."""
 
     pattern_root = MODEL_PREFIX   # train.lr_mults patterns name the model's own module paths
 
     def __init__(self, model: nn.Module, terms: Mapping[str, LossTerm], weights: Mapping[str, float]):
         super().__init__()
-        if set(terms) != set(weights):
-            raise ValueError(f"terms {sorted(terms)} and weights {sorted(weights)} must name the same loss terms")
+        with_loss = {name for name, term in terms.items() if term.adds_loss}
+        if with_loss != set(weights):
+            raise ValueError(f"terms with a loss {sorted(with_loss)} and weights {sorted(weights)} must name "
+                             "the same loss terms")
         self.model = model
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = dict(weights)
         self._features = _merge_features(self.terms)
-        self._hooks = _merge_hooks(self.terms)
 
     @classmethod
     def from_spec(cls, model: nn.Module, objectives: Mapping[str, Any], tokenizer=None,
@@ -52,8 +56,8 @@ class TrainObjective(nn.Module):
         return [t for term in self.terms.values() for t in term.batch_transforms()]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        step = StepCache(self.model, batch, self._features, self._hooks)
-        losses = {name: term(step) for name, term in self.terms.items()}
+        step = StepCache(self.model, batch, self._features, list(self.terms.values()))
+        losses = {name: term(step) for name, term in self.terms.items() if term.adds_loss}
         out: dict[str, torch.Tensor] = {"loss": sum(self.weights[k] * v for k, v in losses.items())}
         out.update({k: v.detach() for k, v in losses.items()})
         if "logit_scale" in step:
@@ -70,11 +74,3 @@ def _merge_features(terms: Mapping[str, LossTerm]) -> dict[str, Feature]:
                                   "already provides; give it another name")
             features[key] = fn
     return features
-
-
-def _merge_hooks(terms: Mapping[str, LossTerm]) -> dict[int, list]:
-    hooks: dict[int, list] = {}
-    for term in terms.values():
-        for layer, fns in term.video_hooks().items():
-            hooks.setdefault(layer, []).extend(fns)
-    return hooks

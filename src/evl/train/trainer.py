@@ -381,12 +381,15 @@ class Trainer:
         self._last_samples = self.cfg.batch_size - skipped
         return [b.batch for b, ok in zip(micro_batches, reduced[:-1], strict=False) if ok == world]
 
-    def _forward_backward(self, batches: list[Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Accumulate gradients over micro-batches; returns mean scalar losses and bad-batch videos."""
+    def _forward_backward(self, batches: list[Any], fraction: float) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Accumulate gradients over micro-batches; returns mean scalar losses and bad-batch videos.
+        `fraction` (steps done / max_steps) reaches the loss as `batch["train_progress"]` (schedules)."""
         sums: dict[str, torch.Tensor] = {}
         bad_names: list[str] = []
         for j, batch in enumerate(batches):
             batch = _to_device(batch, self.ctx.device)
+            if isinstance(batch, dict):
+                batch["train_progress"] = fraction
             with no_sync(self.wrapped, skip_sync=j < len(batches) - 1):
                 with torch.autocast(self.ctx.device.type, dtype=self._dtype or torch.bfloat16,
                                     enabled=self._dtype is not None):
@@ -424,7 +427,7 @@ class Trainer:
         if not batches:
             self._warn(f"step {progress.step + 1}: every sample of the batch was bad; step skipped")
             return {**record, "lr": cfg.lr * factor, "skipped_batch": True}
-        local, bad_names = self._forward_backward(batches)
+        local, bad_names = self._forward_backward(batches, progress.step / max(cfg.max_steps, 1))
         losses = self._global_mean(local)
         self._loss_keys = tuple(losses)
         grad_norm = self._grad_norm() if math.isfinite(losses["loss"]) else math.nan
