@@ -48,7 +48,10 @@ def _flops(objective, batch) -> int:
     return counter.get_total_flops()
 
 
-def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_mask: bool = False) -> dict:
+def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_mask: bool = False,
+                progress: float = 1.0) -> dict:
+    """Median step time of `objectives` on model `name`; `progress` is the training fraction the step
+    reports to scheduled terms (1.0: e.g. sparsification at its final keep rate)."""
     from evl.config import from_dict, load_yaml
     from evl.data.datasets import Collator
     from evl.data.text import tokenizer_for
@@ -74,6 +77,7 @@ def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_ma
         batch = collate([data[(step * b + i) % len(data)] for i in range(b)])
         if all_valid_mask:
             batch["frame_mask"] = torch.ones(batch["frames"].shape[:2], dtype=torch.bool)
+        batch["train_progress"] = progress
         t1 = time.perf_counter()
         with torch.autocast(**autocast):
             loss = objective(batch)["loss"]

@@ -15,7 +15,7 @@ Temporal, `TextGuidedFrameSelector`: an auxiliary module that scores each time s
 paired text (a scaled dot product between the slot's mean token and the text embedding, both
 projected) and keeps the top k slots, in temporal order, for the remaining blocks. Selection is
 hard; the gradient reaches the scorer straight through (the kept tokens are multiplied by
-`hard + soft - soft.detach()`, exactly 1 in the forward pass).
+`hard + (soft - soft.detach())`, exactly 1 in the forward pass).
 
 `keep_rate_at` is the keep-rate schedule: cosine from 1 (nothing dropped) down to ρ over the first
 `warmup` fraction of training, as EViT does.
@@ -189,7 +189,7 @@ class TextGuidedFrameSelector(nn.Module):
         soft = torch.softmax(scores, dim=-1)
         idx = scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values                 # (B, keep)
         hard = torch.zeros_like(soft).scatter(1, idx, 1.0)
-        gate = (hard + soft - soft.detach()).gather(1, idx)                              # 1.0, with gradient
+        gate = (hard + (soft - soft.detach())).gather(1, idx)                            # exactly 1, with gradient
         b, _, d = tokens.x.shape
         c = tokens.num_prefix
         x = tokens.x[:, c:].reshape(b, t, s, d)

@@ -465,21 +465,27 @@ class VideoEncoder(nn.Module):
         if frame_mask is not None:
             frame_mask = self._check_frame_mask(frame_mask, b, t, frames.device)
             frames = frames * frame_mask[:, :, None, None, None].to(frames.dtype)
-        x = self.patch_embed(frames.transpose(1, 2)).flatten(2).transpose(1, 2)
-        if mask is not None:
-            mask = self._check_token_mask(mask, b, n, x.device)
-            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(grid).to(x.dtype)[None]
-        positions = torch.arange(n, device=x.device).expand(b, n)
         valid = None
         if frame_mask is not None:
             slot_valid = frame_mask.view(b, grid[0], self.cfg.tubelet_size).any(dim=2)
             valid = slot_valid[:, :, None].expand(b, grid[0], grid[1] * grid[2]).reshape(b, -1)
         if keep_index is not None:
-            keep_index = self._check_keep_index(keep_index, b, grid, x.device)
-            x = x.gather(1, keep_index[..., None].expand(-1, -1, x.shape[-1]))
+            # embed only the kept patches: the tubelet conv as a matmul on them (MAE's saving starts here)
+            keep_index = self._check_keep_index(keep_index, b, grid, frames.device)
+            x = self._embed_patches(frames, keep_index)
+            if mask is not None:
+                kept_mask = self._check_token_mask(mask, b, n, x.device).gather(1, keep_index)
+                x = torch.where(kept_mask[..., None], self.mask_token.to(x.dtype), x)
+            x = x + self.pos_embed(grid).to(x.dtype)[keep_index]
             positions = keep_index
             valid = valid.gather(1, keep_index) if valid is not None else None
+        else:
+            x = self.patch_embed(frames.transpose(1, 2)).flatten(2).transpose(1, 2)
+            if mask is not None:
+                mask = self._check_token_mask(mask, b, n, x.device)
+                x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+            x = x + self.pos_embed(grid).to(x.dtype)[None]
+            positions = torch.arange(n, device=x.device).expand(b, n)
         prefix = 0
         if self.cls_token is not None:
             prefix = 1
@@ -487,6 +493,17 @@ class VideoEncoder(nn.Module):
             if valid is not None:
                 valid = torch.cat([valid.new_ones(b, 1), valid], dim=1)
         return VideoTokens(x, valid, positions, grid, grid[0], prefix)
+
+    def _embed_patches(self, frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The tubelet conv applied to patches `index` (B, K) only: (B, K, D), equal to the conv's output
+        at those tokens (its kernel read in `patchify`'s (t, p, p, C) order)."""
+        from evl.models.masking import patchify
+
+        conv = self.patch_embed
+        patches = patchify(frames, self.cfg.patch_size, self.cfg.tubelet_size)
+        patches = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
+        weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.weight.shape[0], -1)
+        return F.linear(patches, weight, conv.bias)
 
     def run_blocks(self, tokens: VideoTokens, start: int = 0, stop: int | None = None,
                    context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
