@@ -14,8 +14,9 @@ step); then zero-shot text→video R@1 on the held-out test split and open-ended
 QA fine-tuning (dense, from each checkpoint). At least two seeds; mean ± half-range per row.
 
 Usage: python benchmarks/smaug_efficiency.py [--models tiny small] [--steps 3] [--seeds 0 1]
-       [--pretrain-steps 100] [--qa-steps 60] [--clips 500] [--skip-throughput] [--skip-downstream]
-Prints tables and writes benchmarks/results/smaug_efficiency.json.
+       [--pretrain-steps 100] [--qa-steps 150] [--clips 500] [--skip-throughput] [--skip-downstream]
+Prints tables and writes benchmarks/results/smaug_efficiency.json; a part skipped with --skip-* keeps
+its rows from the previous JSON.
 """
 
 from __future__ import annotations
@@ -66,6 +67,44 @@ def one_row(model: str, config: str, steps: int) -> dict:
     return {"model": model, "config": config, "batch": row["batch"], "precision": row["precision"],
             "clips_per_s": row["clips_per_s"], "step_s": row["step_s"], "seconds": row["seconds"],
             "gflop_per_clip": round(row["gflop_per_step"] / row["batch"], 2), "peak_mem_mb": round(peak_mb)}
+
+
+PARTS = {"video tower": ("model.video",), "text tower": ("model.text",),
+         "fusion + heads": ("model.fusion", "model.vtm_head", "model.mlm_head", "model.video_proj", "model.text_proj"),
+         "MAE decoder": ("terms.mae",), "frame selector": ("terms.sparsify",)}
+
+
+def flop_profile(model: str, config: str) -> dict:
+    """Where a training step's FLOPs (forward + backward) go, by part of the objective, in %."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from evl.config import from_dict, load_yaml
+    from evl.data.datasets import Collator
+    from evl.data.text import tokenizer_for
+    from evl.models.model import ModelConfig, VideoLanguageModel
+    from evl.train.objective import TrainObjective
+
+    sys.path.insert(0, str(HERE))
+    from train_step import BATCH, _clips
+
+    torch.manual_seed(0)
+    net = VideoLanguageModel(from_dict(ModelConfig, load_yaml(model, "models"), where=model))
+    tok = tokenizer_for(net.cfg)
+    objective = TrainObjective.from_spec(net, objectives(config, model), tok).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _clips(net.cfg, BATCH[model], Path(tmp))
+        batch = Collator(tok, 32, transforms=objective.batch_transforms())([data[i % len(data)]
+                                                                              for i in range(BATCH[model])])
+    batch["train_progress"] = 1.0
+    with FlopCounterMode(display=False) as counter:
+        objective(batch)["loss"].backward()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = counts.get("Global", sum(counts.values()))
+    root = type(objective).__name__ + "."
+    share = {part: sum(v for k, v in counts.items() if k.removeprefix(root).startswith(prefixes))
+             for part, prefixes in PARTS.items()}
+    share["other (losses)"] = total - sum(share.values())
+    return {part: round(100 * v / total, 1) for part, v in share.items() if v}
 
 
 def throughput(models: list[str], steps: int) -> list[dict]:
@@ -124,7 +163,8 @@ def pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, dat
     return {"config": config, "seed": seed, "steps": pre["steps"], "train_time_s": round(pre["train_time_s"], 1),
             "s_per_step": round(pre["train_time_s"] / pre["steps"], 3), "t2v_r1": ret["t2v_r1"],
             "rerank_t2v_r1": ret.get("rerank_t2v_r1"), "chance_r1": ret["chance_r1"],
-            "qa_accuracy": qa_metrics["accuracy"], "final_losses": pre["final_losses"]}
+            "qa_accuracy": qa_metrics["accuracy"], "qa_baseline": qa_metrics.get("baseline"),
+            "final_losses": pre["final_losses"]}
 
 
 def downstream(seeds: list[int], steps: int, qa_steps: int, clips: int, work: Path) -> list[dict]:
@@ -165,6 +205,10 @@ def print_tables(rows: list[dict], down: list[dict]) -> None:
         for r in rows:
             print(f"{r['model']:6s} {r['config']:12s} {r['batch']:5d} {r['clips_per_s']:8.2f} {r['speedup']:7.2f}× "
                   f"{r['step_s']:7.3f} {r['gflop_per_clip']:10.2f} {r['flop_ratio']:6.2f}× {r['peak_mem_mb']:8d}")
+        print("\nwhere a step's FLOPs go (forward + backward, %):")
+        for r in rows:
+            parts = ", ".join(f"{k} {v}" for k, v in r.get("flop_share_pct", {}).items())
+            print(f"  {r['model']:6s} {r['config']:12s} {parts}")
     if down:
         print()
         head = f"{'config':12s} {'budget':17s} {'steps':>9s} {'pretrain s':>11s} {'T2V R@1':>12s} {'QA acc':>12s}"
@@ -185,7 +229,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per throughput row")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--pretrain-steps", type=int, default=100)
-    ap.add_argument("--qa-steps", type=int, default=60)
+    ap.add_argument("--qa-steps", type=int, default=150)
     ap.add_argument("--clips", type=int, default=500)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-downstream", action="store_true")
@@ -194,7 +238,8 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_row(args.one[0], args.one[1], args.steps)))
+        print(json.dumps({**one_row(args.one[0], args.one[1], args.steps),
+                          "flop_share_pct": flop_profile(args.one[0], args.one[1])}))
         return
     from evl.precision import cpu_info
 
@@ -204,6 +249,13 @@ def main() -> None:
     if not args.skip_downstream:
         with tempfile.TemporaryDirectory() as tmp:
             down = downstream(args.seeds, args.pretrain_steps, args.qa_steps, args.clips, args.work or Path(tmp))
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if args.skip_throughput and previous.get("throughput"):
+        rows = previous["throughput"]
+        print("throughput skipped: keeping the rows of the previous run in", args.json)
+    if args.skip_downstream and previous.get("downstream"):
+        down = previous["downstream"]
+        print("downstream skipped: keeping the rows of the previous run in", args.json)
     info = cpu_info()
     print(f"\nCPU: {info['model']} ({info['capability']}, bf16 flags {info['flags_bf16']}, {info['cores']} cores), "
           f"torch {info['torch']}; CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")

@@ -459,6 +459,18 @@ def test_smaug_pretrain_then_eval_without_the_auxiliary_modules(synthvl, tmp_pat
         aux = set(f.keys())
     assert any(k.startswith("terms.mae.decoder.") for k in aux)
     assert any(k.startswith("terms.sparsify.selector.") for k in aux)
+    # the trained selector chooses frames for a text at inference too
+    from evl.losses.sparsify import frame_selector_from_checkpoint
+
+    selector, layer = frame_selector_from_checkpoint(ckpt)
+    assert layer == 1 and selector.keep == 2
+    trained = VideoLanguageModel.from_pretrained(tmp_path / "run" / "final")
+    text = trained.encode_text(torch.tensor([[101, 2417, 102]]), torch.ones(1, 3, dtype=torch.long))
+    frames = torch.randn(1, 8, 3, 32, 32)
+    chosen = trained.video_features(frames, hooks={layer: [selector.hook(text)]})
+    assert chosen.positions.shape == (1, 2 * 4) and chosen.emb.shape == (1, 16)
+    with pytest.raises(Exception, match="not in final/|not trained with frame selection"):
+        frame_selector_from_checkpoint(tmp_path / "run" / "final")
     evaluated = runner.invoke(app, ["eval", str(tmp_path / "run" / "final"), "--task", "retrieval",
                                     "--data", str(ann / "retrieval_test.json"), "--batch-size", "4",
                                     "--rerank-k", "2", "--json"])

@@ -9,12 +9,18 @@ from 1 to `keep_rate` over the first `rate_warmup` fraction of training. Tempora
 straight through its hard top-k) keeps `keep_frames` time slots per clip. `keep_frames: 0` (or null)
 switches frame selection off; `layers: []` switches spatial sparsification off.
 
-Evaluation (`evl eval`) encodes whole clips: the model itself has no sparsification in it.
+Evaluation (`evl eval`) encodes whole clips: the model itself has no sparsification in it. To choose
+frames for a text at inference, load the trained selector from a training checkpoint (its auxiliary
+state) with `frame_selector_from_checkpoint` and pass its hook:
+
+    selector, layer = frame_selector_from_checkpoint("runs/smaug-tiny/checkpoints/step_00000150")
+    video = model.video_features(frames, hooks={layer: [selector.hook(model.encode_text(ids, mask))]})
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from evl.losses.step import StepCache
 from evl.losses.terms import LossTerm, TermContext
@@ -79,3 +85,28 @@ class SparsifyTerm(LossTerm):
 
     def forward(self, step: StepCache):  # pragma: no cover - adds_loss is False: never called
         raise RuntimeError("the sparsify term adds no loss")
+
+
+def frame_selector_from_checkpoint(checkpoint: str | Path) -> tuple[TextGuidedFrameSelector, int]:
+    """(the trained text-guided frame selector, the block it runs before) from a Trainer checkpoint
+    (`checkpoints/step_*`, which keeps the auxiliary state); `final/` holds the model only."""
+    from evl.checkpoint import load_tensors, read_config
+    from evl.config import from_dict
+    from evl.errors import CheckpointError
+    from evl.models.model import ModelConfig
+    from evl.train.state import AUX_FILE
+
+    directory = Path(checkpoint)
+    cfg = read_config(directory)
+    spec = ((cfg.get("recipe") or {}).get("objectives") or {}).get("sparsify")
+    if not isinstance(spec, dict) or not spec.get("keep_frames"):
+        raise CheckpointError(f"{directory}: the run was not trained with frame selection (its recipe has no "
+                              "objectives.sparsify.keep_frames)")
+    if not (directory / AUX_FILE).is_file():
+        raise CheckpointError(f"{directory} has no {AUX_FILE}: the selector is kept in the Trainer's checkpoints "
+                              "(checkpoints/step_*), not in final/")
+    term = SparsifyTerm(TermContext(from_dict(ModelConfig, cfg["model"], where="model")), **spec)
+    prefix = f"terms.{SparsifyTerm.name}.selector."
+    state = {k[len(prefix):]: v for k, v in load_tensors(directory / AUX_FILE).items() if k.startswith(prefix)}
+    term.selector.load_state_dict(state)
+    return term.selector.eval(), term.frame_layer
