@@ -12,6 +12,7 @@ Whole checkpoint directories are committed the same way (see :func:`commit_dir`)
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -70,6 +71,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the quota) is full; safetensors reports it in its own error type."""
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "No space left" in str(e) or "StorageFull" in str(e)
+
+
 @contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and `os.replace` it onto `path`.
@@ -94,6 +101,11 @@ def _atomic_target(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except Exception as e:
+        if disk_full(e):
+            raise CheckpointError(f"no space left on the device while writing {path} ({e.strerror}); the previous "
+                                  "file is intact. Free space or point the output elsewhere (train.out_dir=...).") from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -185,8 +197,9 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path} does not exist")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated, corrupt or nested too deep): "
+                              f"{str(e)[:200]}") from None
 
 
 # ---------------------------------------------------------------------------------- model weights
@@ -214,6 +227,28 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} should hold a JSON object (the model config), got {type(cfg).__name__}")
     return cfg
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], path: str | Path, strip_prefix: str | None = None) -> None:
+    """Compare a model's tensor shapes with a safetensors file's header (nothing is loaded); raise
+    CheckpointError naming the first mismatches. Keys missing on either side are left to the loader."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if strip_prefix and stored and all(k.startswith(strip_prefix) for k in stored):
+        stored = {k[len(strip_prefix):]: v for k, v in stored.items()}
+    bad = [(k, stored[k], shape) for k, shape in expected.items() if k in stored and stored[k] != shape]
+    if bad:
+        listed = ", ".join(f"{k}: file {a} vs config {b}" for k, a, b in bad[:3])
+        raise CheckpointError(f"{path.parent / CONFIG_FILE} does not describe the weights in {path} ({listed}); "
+                              "the config was edited or belongs to another model — restore it")
 
 
 @dataclass

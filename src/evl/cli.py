@@ -53,8 +53,13 @@ def data_check(
                                      help="Check only this split; for formats that carry splits, e.g. "
                                      "MSRVTT_data.json: train, validate, test."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    allow_bad: bool = typer.Option(False, "--allow-bad",
+                                   help="Exit 0 even when some videos are missing or undecodable."),
 ) -> None:
-    """Parse an annotation file, check every referenced video exists and decodes, print a summary."""
+    """Parse an annotation file, check every referenced video exists and decodes, print a summary.
+
+    Exit status: 0 every video is there and decodes; 1 some are missing or undecodable (listed; 0 with
+    --allow-bad); 2 the annotation file or an option is unusable."""
     from evl.data.check import check_annotations, format_summary
 
     try:
@@ -62,6 +67,11 @@ def data_check(
     except EvlError as e:
         _fail(e)
     typer.echo(json.dumps(summary) if as_json else format_summary(summary))
+    bad = summary["missing"] + summary["undecodable"]
+    if bad and not allow_bad:
+        typer.secho(f"{bad} of {summary['videos']} videos are missing or undecodable (exit status 1; "
+                    "--allow-bad accepts them)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @data_app.command("formats")

@@ -26,7 +26,8 @@ def _recipe(name: str, data_dir: Path, out_dir: Path, split_files: tuple[str, st
 
     ann = data_dir / "annotations"
     overrides = [f"data.train={ann / split_files[0]}", f"data.test={ann / split_files[1]}",
-                 f"data.videos={data_dir / 'videos'}", f"train.out_dir={out_dir}"]
+                 f"data.videos={data_dir / 'videos'}", f"train.out_dir={out_dir}",
+                 "train.overwrite=true"]   # a quickstart re-run into the same --out starts over
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     return load_recipe(name, overrides + (extra or []))

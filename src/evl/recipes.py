@@ -16,13 +16,14 @@ from typing import Any, Literal
 
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.data.annotations import read_annotations
+from evl.data.check import preflight_videos
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
 from evl.errors import ConfigError
 from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import ANSWERS_FILE, get_task
 from evl.train.objective import TrainObjective
-from evl.train.trainer import Callback, TrainConfig, Trainer
+from evl.train.trainer import SKIP_WARN_RATE, Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,11 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     tokenizer = tokenizer_for(model.cfg, init)
     # recorded in every checkpoint's config, and tokenizer.json copied beside each one
     model.cfg.text.tokenizer = tokenizer_name(tokenizer)
+    positions = model.cfg.text.max_position_embeddings
+    for key, length in (("data.max_text_len", cfg.data.max_text_len), ("eval.max_text_len", cfg.eval.max_text_len)):
+        if not 3 <= length <= positions:
+            raise ConfigError(f"{key}={length}: texts are cut to this many tokens, which must be in [3, {positions}] "
+                              f"(the text tower has {positions} positions); lower {key}")
     num_frames = cfg.data.num_frames or model.cfg.video.num_frames
     if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
@@ -144,6 +150,10 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, task.text, cfg.data.format,
                                           replace_bad=8, split=cfg.data.split)
     task.check_records(train_ds.records, cfg.data.train)
+    missing = preflight_videos(train_ds.records, train_ds.videos_dir, f"data.train={cfg.data.train}")
+    if missing > SKIP_WARN_RATE and is_main:
+        log.warning("WARNING: %.0f%% of the training videos checked are missing under %s; the run trains on the "
+                    "rest. Run `evl data check %s` to list them.", 100 * missing, train_ds.videos_dir, cfg.data.train)
     vocab = None
     if task.uses_answer_vocab:
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)

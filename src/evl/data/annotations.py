@@ -86,8 +86,12 @@ def _get(row: dict, key: str, where: _Row) -> Any:
     return value
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 def _text(value: Any, key: str, where: _Row) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not _is_text(value):
         raise where.error(key, value, "a non-empty string")
     return value
 
@@ -185,7 +189,15 @@ def _parse_jsonl(path: Path, text: str) -> list:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise _json_error(path, e, line_offset=lineno - 1) from None
+        except RecursionError:
+            raise _too_deep(path, lineno) from None
     return rows
+
+
+def _too_deep(path: Path, lineno: int | None = None) -> AnnotationError:
+    at = f" (line {lineno})" if lineno else ""
+    return AnnotationError(f"{path}{at}: JSON nested too deeply to be annotations (Python's parser gives up); "
+                           "annotation rows are flat objects — check that this is the right file")
 
 
 def _load_json(path: Path) -> Any:
@@ -199,6 +211,8 @@ def _load_json(path: Path) -> Any:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             return _parse_jsonl(path, text)
         raise _json_error(path, e) from None
+    except RecursionError:
+        raise _too_deep(path) from None
 
 
 def _rows_list(data: Any, path: Path, what: str) -> list:
@@ -212,6 +226,15 @@ def _sniff_delimiter(header: str) -> str:
     return "\t" if header.count("\t") > header.count(",") else ","
 
 
+def _guarded(reader: Any, path: Path) -> Iterator[dict]:
+    """The reader's rows; csv's own errors (a field over its size limit, a NUL byte) name the line."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise AnnotationError(f"{path}, line {reader.line_num + 1}: unreadable CSV ({e}); a caption this long or "
+                              "with such bytes is not an annotation — fix or drop the row") from None
+
+
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[dict, _Row]]:
     """Yield (row dict, location); check the header has `required` and each row has the header's width."""
     text = _read_text(path)
@@ -223,7 +246,7 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[dict, _Ro
     if missing:
         raise AnnotationError(f"{path}: header (line 1) lacks column(s) {missing}; found {fields}; "
                               f"expected at least {list(required)}")
-    for index, row in enumerate(reader, start=1):
+    for index, row in enumerate(_guarded(reader, path), start=1):
         where = _Row(path, index, reader.line_num)
         if None in row:
             raise where.error("(row width)", row[None], f"{len(fields)} fields like the header, got more")
@@ -253,16 +276,16 @@ def _lavis_record(row: Any, where: _Row) -> Record:
     if caption is not None:
         if isinstance(caption, str):
             caption = [caption]
-        if not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption):
-            raise where.error("caption", row["caption"], "a string or a non-empty list of strings")
+        if not isinstance(caption, list) or not caption or not all(_is_text(c) for c in caption):
+            raise where.error("caption", row["caption"], "a non-blank string or a non-empty list of them")
         if multiple_choice:
             rec.options = list(caption)
         else:
             rec.captions = list(caption)
     if row.get("options") is not None:
         opts = row["options"]
-        if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
-            raise where.error("options", opts, "a non-empty list of strings")
+        if not isinstance(opts, list) or not opts or not all(_is_text(o) for o in opts):
+            raise where.error("options", opts, "a non-empty list of non-blank strings")
         rec.options = list(opts)
     if row.get("question") is not None:
         rec.question = _text(row["question"], "question", where)
@@ -273,15 +296,15 @@ def _lavis_record(row: Any, where: _Row) -> Record:
                                   "or 'options' list of candidates)")
             rec.answer_index = _answer_index(rec.options, answer, "answer", where)
             rec.answer = rec.options[rec.answer_index]
-        elif isinstance(answer, str):
+        elif _is_text(answer):
             rec.answer = answer
             if rec.options is not None:
                 rec.answer_index = _match_answer(rec.options, answer, "answer", where)
         else:
-            raise where.error("answer", answer, "a string (open-ended) or an integer option index")
-    qtype = row.get("type", row.get("qtype"))
-    if qtype is not None:
-        rec.qtype = str(qtype)
+            raise where.error("answer", answer, "a non-blank string (open-ended) or an integer option index")
+    qtype_key = "type" if row.get("type") is not None else "qtype"
+    if row.get(qtype_key) is not None:
+        rec.qtype = _text(row[qtype_key], qtype_key, where).strip()
     rec.start, rec.end = _span(row, "start", "end", where)
     if not rec.captions and rec.question is None and rec.options is None:
         raise where.error("caption", None, "a 'caption' (retrieval), a 'question' (QA) or candidates (multiple choice)")
@@ -328,7 +351,7 @@ def _msrvtt_records(data: Any, path: Path) -> list[Record]:
         if not isinstance(row, dict):
             raise where.error("sentences[]", row, "an object with 'video_id' and 'caption'")
         vid = row.get("video_id")
-        if vid not in records:
+        if not isinstance(vid, str) or vid not in records:
             raise where.error("video_id", vid, "a video_id listed under 'videos'")
         caption = _text(row.get("caption"), "caption", where)
         records[vid].captions.append(caption)
@@ -352,7 +375,7 @@ def _star_choices(value: Any, where: _Row) -> list[str]:
     out = []
     for c in value:
         text = c.get("choice") if isinstance(c, dict) else c
-        if not isinstance(text, str):
+        if not _is_text(text):
             raise where.error("choices", c, "{'choice_id': int, 'choice': str} or a string")
         out.append(text)
     return out
@@ -460,10 +483,10 @@ def _tag_list(value: str | None, key: str, where: _Row) -> list[int]:
         return []
     try:
         parsed = json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         try:
             parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise where.error(key, value, 'a list of integers like "[3, 12]"') from None
     if isinstance(parsed, tuple):
         parsed = list(parsed)
@@ -531,7 +554,8 @@ def _detect_json(data: Any, path: Path) -> str:
 
 def _detect_csv(path: Path) -> str:
     header_line = _read_text(path).splitlines()[0]
-    header = {c.strip() for c in next(csv.reader([header_line], delimiter=_sniff_delimiter(header_line)))}
+    reader = csv.reader([header_line], delimiter=_sniff_delimiter(header_line))
+    header = {c.strip() for row in _guarded(reader, path) for c in row}
     for name, required in _CSV_HEADERS:
         if set(required) <= header:
             return name

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evl.data.annotations import Record, read_annotations_with_format, split_sizes
+from evl.errors import ConfigError
 
 EXAMPLES = 5  # how many missing / undecodable paths a summary keeps, with reasons
 _SAMPLE = 64  # how many distinct videos are probed when guessing the videos folder
@@ -76,6 +77,22 @@ def _video_problem(path: Path, decode: bool) -> tuple[str, str] | None:
         reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
         return "undecodable", str(reason)
     return None
+
+
+def preflight_videos(records: list[Record], videos_dir: str | Path | None, what: str,
+                     sample: int = 1000) -> float:
+    """Before training: do the videos exist? Checks (a fixed sample of) the distinct videos' files,
+    no decoding. Raises ConfigError when none is there, naming the folder and a few paths; returns the
+    fraction missing (the caller warns when it is high)."""
+    videos = list(dict.fromkeys(r.video for r in records))
+    if len(videos) > sample:
+        videos = videos[:: len(videos) // sample][:sample]
+    missing = [p for p in (resolve_video_path(Record(video=v), videos_dir) for v in videos) if not p.is_file()]
+    if videos and len(missing) == len(videos):
+        raise ConfigError(f"none of the {len(videos)} videos checked for {what} exists under the videos folder "
+                          f"{videos_dir} (e.g. {', '.join(str(p) for p in missing[:3])}); set data.videos to "
+                          "the folder the annotation's paths are relative to, and run `evl data check` on it")
+    return len(missing) / max(len(videos), 1)
 
 
 def _type_counts(records: list[Record]) -> dict[str, int]:

@@ -309,6 +309,10 @@ class _pyav_open:
             raise VideoDecodeError(self.path, f"not a readable media file ({_ffmpeg_reason(e)})") from None
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise VideoDecodeError(self.path, f"cannot open ({e})") from None
+        fmt = self.container.format.name
+        if fmt.endswith("_pipe") or fmt == "image2":   # png_pipe, jpeg_pipe, ...: one still image
+            self.container.close()
+            raise VideoDecodeError(self.path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
         if not self.container.streams.video:
             kinds = sorted({s.type for s in self.container.streams}) or ["none"]
             self.container.close()

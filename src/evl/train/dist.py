@@ -64,9 +64,20 @@ class DistContext:
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={device!r}: evl trains on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={device!r} but this machine has no usable CUDA GPU "
+                              f"(torch {torch.__version__}); use train.device=auto or cpu")
+        dev = torch.device(f"cuda:{local_rank}") if dev.index is None else dev
+        if dev.index >= count:
+            raise ConfigError(f"train.device={device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
     return dev
 
 

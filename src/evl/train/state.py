@@ -18,6 +18,7 @@ last. A kill at any instant therefore leaves either the previous checkpoint or t
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -39,12 +40,13 @@ from evl.checkpoint import (
     read_json,
     save_tensor_tree,
 )
-from evl.errors import CheckpointError
+from evl.errors import CheckpointError, ConfigError
 from evl.train.dist import DistContext, full_state_dicts, is_fsdp, unwrap_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Progress", "latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["Progress", "check_out_dir", "clear_checkpoints", "latest_checkpoint", "load_training_checkpoint",
+           "save_training_checkpoint"]
 
 LATEST = "latest.json"
 STATE_FILE = "trainer_state.json"
@@ -66,6 +68,7 @@ class Progress:
     skipped_samples: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    consecutive_bad: int = 0
     elapsed_s: float = 0.0
 
 
@@ -138,13 +141,50 @@ def _joined_state(module: nn.Module, ckpt: Path) -> dict[str, torch.Tensor]:
     return {**model, **aux}
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` step_* directories (0 keeps all)."""
+def _step_of(path: Path) -> int:
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _prune(root: Path, keep_last: int, current: Path) -> None:
+    """Keep the newest `keep_last` step_* directories by step number (0 keeps all); never the one
+    just written (`current`, which latest.json points to)."""
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of)
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() != current.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: `out_dir` must be writable, and a fresh run (no `resume`) must not mix its
+    checkpoints with another run's. Raises ConfigError naming the folder and the ways out."""
+    out = Path(out_dir)
+    probe = out / f".evl-write-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.out_dir={out} cannot be written ({e.strerror or e}); nothing was trained. "
+                          "Choose a folder you can write to (train.out_dir=...).") from None
+    root = checkpoint_root(out)
+    if resume or overwrite or not root.is_dir():
+        return
+    old = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    if old or (root / LATEST).is_file():
+        raise ConfigError(f"train.out_dir={out} holds another run's checkpoints ({', '.join(old[-2:]) or LATEST}); "
+                          "a new run there would mix with them. Continue that run with --resume, choose a new "
+                          "train.out_dir, or pass train.overwrite=true to delete them.")
+
+
+def clear_checkpoints(out_dir: str | Path) -> None:
+    """Delete a previous run's checkpoints (train.overwrite=true)."""
+    root = checkpoint_root(out_dir)
+    if root.is_dir():
+        log.warning("train.overwrite=true: deleting the previous run's checkpoints in %s", root)
+        shutil.rmtree(root)
 
 
 def save_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -175,7 +215,7 @@ def save_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
         atomic_write_json(tmp / STATE_FILE, {**asdict(progress), **meta, "world_size": ctx.world_size})
         commit_dir(tmp, final)
         atomic_write_json(root / LATEST, {"step": progress.step, "dir": name})
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     ctx.barrier()
     return final
 
@@ -215,6 +255,20 @@ def _load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer
                               "Was lr_mults or the model changed since the checkpoint?") from e
 
 
+def _check_state_types(state: Any, file: Path) -> None:
+    """Every progress field a number of the right kind, so a hand-edited file fails here, by name."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    for name, spec in Progress.__dataclass_fields__.items():
+        if name not in state:
+            continue
+        real = spec.type in (float, "float")
+        value, kind = state[name], (int, float) if real else int
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise CheckpointError(f"{file}: {name} must be a non-negative {'number' if real else 'integer'}, "
+                                  f"got {value!r}; restore the file or resume from another step_* folder")
+
+
 def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
                              ckpt: Path, expect: dict[str, Any]) -> Progress:
     """Restore model, optimizer, RNG and data position from `ckpt`.
@@ -224,6 +278,7 @@ def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
     `train.grad_accum` and the number of ranks may change: the position is stored in samples.
     """
     state = read_json(ckpt / STATE_FILE)
+    _check_state_types(state, ckpt / STATE_FILE)
     for key, value in expect.items():
         if key in state and state[key] != value:
             setting = {"global_batch": "train.batch_size", "seed": "train.seed",

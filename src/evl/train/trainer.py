@@ -59,7 +59,14 @@ from evl.train.data import (
 from evl.train.dist import DistContext, init_distributed, no_sync, unwrap_model, wrap_model
 from evl.train.log import MetricsLogger
 from evl.train.optim import build_param_groups, lr_factor
-from evl.train.state import Progress, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from evl.train.state import (
+    Progress,
+    check_out_dir,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 
 __all__ = [
     "Callback",
@@ -77,6 +84,13 @@ LossFn = Callable[[nn.Module, Any], dict[str, Any]]
 
 class NonFiniteLossError(EvlError):
     """Training produced NaN/inf losses or gradients `max_nonfinite` steps in a row."""
+
+
+class UnreadableDataError(EvlError):
+    """`max_bad_steps` steps in a row had no sample whose video decodes: the run would train nothing."""
+
+
+SKIP_WARN_RATE = 0.1  # a run that has skipped more than this fraction of its samples is told so, loudly
 
 
 @dataclass
@@ -107,9 +121,11 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     find_unused_parameters: bool = False
     device: str = "auto"  # "auto" = this rank's GPU if there is one, else CPU
+    overwrite: bool = False  # a fresh run into an out_dir that holds another run's checkpoints deletes them
+    max_bad_steps: int = 3  # stop when this many steps in a row had no decodable sample
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "max_nonfinite", "log_every")
+        positive = ("max_steps", "batch_size", "grad_accum", "max_nonfinite", "log_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -117,6 +133,9 @@ class TrainConfig:
                      "clip_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "eps", "clip_grad_norm", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2:
@@ -290,6 +309,11 @@ class Trainer:
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
         micro = self._micro_batch()
+        check_out_dir(cfg.out_dir, resume, cfg.overwrite)   # every rank: the same answer on shared storage
+        self.ctx.barrier()
+        if cfg.overwrite and not resume and self.ctx.is_main:
+            clear_checkpoints(cfg.out_dir)
+        self.ctx.barrier()
         self._setup()
         progress = Progress()
         ckpt = latest_checkpoint(cfg.out_dir) if resume else None
@@ -297,6 +321,10 @@ class Trainer:
             progress = load_training_checkpoint(self.ctx, self.wrapped, self.optimizer, ckpt,
                                                 expect={"global_batch": cfg.batch_size, "seed": cfg.seed,
                                                         "dataset_size": len(self.dataset)})  # type: ignore[arg-type]
+            if progress.step > cfg.max_steps:
+                raise ConfigError(f"--resume: the checkpoint {ckpt} is at step {progress.step}, past "
+                                  f"train.max_steps={cfg.max_steps}; nothing was written. Raise train.max_steps "
+                                  f"to continue training, or evaluate the checkpoint (evl eval {ckpt})")
         self.logger = MetricsLogger(cfg.out_dir, cfg.max_steps, progress.step, cfg.log_every,
                                     enabled=self.ctx.is_main)
         if resume:
@@ -343,6 +371,7 @@ class Trainer:
         if last_saved != progress.step:
             last_path = self._save(progress)
         final = {k: v for k, v in history[-1].items() if k in self._loss_keys} if history else {}
+        self._warn_skip_rate(progress, final=True)
         return TrainResult(steps=progress.step, final_losses=final, history=history,
                            skipped_samples=progress.skipped_samples, nonfinite_steps=progress.nonfinite_steps,
                            wall_time_s=time.perf_counter() - start_wall, checkpoint_dir=last_path)
@@ -425,8 +454,17 @@ class Trainer:
         record: dict[str, Any] = {"step": progress.step + 1}
         batches = self._valid_micro_batches(micro_batches, progress)
         if not batches:
+            progress.consecutive_bad += 1
             self._warn(f"step {progress.step + 1}: every sample of the batch was bad; step skipped")
+            if progress.consecutive_bad >= cfg.max_bad_steps:
+                raise UnreadableDataError(
+                    f"{progress.consecutive_bad} steps in a row had no video that decodes "
+                    f"({progress.skipped_samples} samples skipped so far); stopping before an untrained model "
+                    "is saved. The warnings above name the videos: check the videos folder (data.videos) "
+                    "and run `evl data check` on the annotation file.")
             return {**record, "lr": cfg.lr * factor, "skipped_batch": True}
+        progress.consecutive_bad = 0
+        self._warn_skip_rate(progress)
         local, bad_names = self._forward_backward(batches, progress.step / max(cfg.max_steps, 1))
         losses = self._global_mean(local)
         self._loss_keys = tuple(losses)
@@ -443,6 +481,19 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         record.update(losses, lr=cfg.lr * factor, grad_norm=grad_norm)
         return record
+
+    def _warn_skip_rate(self, progress: Progress, final: bool = False) -> None:
+        """Once per run (and again at its end), a loud warning when many samples could not be read."""
+        seen = max(progress.step * self.cfg.batch_size, 1)
+        rate = progress.skipped_samples / seen
+        if rate <= SKIP_WARN_RATE or (self._skip_warned and not final) or progress.step < 2:
+            return
+        self._skip_warned = True
+        self._warn(f"WARNING: {progress.skipped_samples} of {seen} samples ({rate:.0%}) could not be decoded "
+                   f"{'in this run' if final else 'so far'}; the model trains on what is left. "
+                   "Run `evl data check` on the annotation file to list them.")
+
+    _skip_warned = False
 
     def _skip_nonfinite(self, progress: Progress, loss: float, grad_norm: float) -> None:
         progress.nonfinite_steps += 1
