@@ -73,13 +73,13 @@ def decoded_indices(clip: Clip) -> list[int]:
 
 def write_raw(path: Path, frames: list[np.ndarray], codec: str, fmt: str | None = None,
               pts: list[int] | None = None, rate: int = 8, time_base: Fraction | None = None,
-              options: dict | None = None) -> Path:
+              options: dict | None = None, pix_fmt: str = "yuv420p") -> Path:
     """PyAV writer for cases write_video does not cover: other codecs/containers, hand-set pts (VFR)."""
     import av
 
     with av.open(str(path), "w", format=fmt, options=options or {}) as c:
         s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], pix_fmt
         s.codec_context.gop_size = 4
         if time_base is not None:
             s.codec_context.time_base = time_base
@@ -289,6 +289,71 @@ def test_variable_frame_rate(tmp_path):
         clip = load_clip(path, 5, start=0.2, end=0.6, backend=backend)
         assert clip.indices == [3, 4, 5, 6, 7] and decoded_indices(clip) == clip.indices
     assert decoded_indices(load_clip(path, indices=[8, 3], seek="seek")) == [8, 3]
+
+
+def _bump_avi_frame_count(path: Path, extra: int) -> Path:
+    """Make an AVI's headers (avih dwTotalFrames, strh dwLength) list `extra` more frames than it holds."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    for tag, offset in ((b"avih", 8 + 16), (b"strh", 8 + 32)):
+        at = data.find(tag) + offset
+        struct.pack_into("<I", data, at, struct.unpack_from("<I", data, at)[0] + extra)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_avi_header_listing_one_frame_more_than_it_holds_is_whole(tmp_path):
+    """MPEG-4 AVIs whose header counts one frame more than the file holds play whole everywhere:
+    a short tail is accepted, not reported as truncated."""
+    path = _bump_avi_frame_count(write_raw(tmp_path / "v.avi", [index_frame(i) for i in range(12)], "mpeg4"), 1)
+    assert verify_video(path).num_frames == 12
+    clip = load_clip(path, 12)
+    assert decoded_indices(clip) == clip.indices == list(range(12)) and bool(clip.frame_mask.all())
+
+
+@pytest.mark.parametrize("codec, pix_fmt", [("cinepak", "rgb24"), ("mpeg4", "yuv420p")])
+def test_avi_null_frames_repeat_the_previous_frame(tmp_path, codec, pix_fmt):
+    """Constant-rate AVIs store "show the previous frame again" as empty chunks (the muxer writes one
+    for every gap in the pts): frames are presented on the time grid, a null frame repeats the last
+    coded one, and nothing is truncated. Here 5 coded frames are shown over 10 frame times."""
+    shown_at = [0, 1, 4, 5, 9]
+    path = write_raw(tmp_path / f"{codec}.avi", [index_frame(i) for i in range(5)], codec, pts=shown_at, rate=10,
+                     time_base=Fraction(1, 10), pix_fmt=pix_fmt)
+    assert probe_video(path).num_frames == 10
+    assert verify_video(path).num_frames == 10
+    clip = load_clip(path, indices=list(range(10)))
+    assert decoded_indices(clip) == [0, 1, 1, 1, 2, 3, 3, 3, 3, 4]
+    # windows follow the time grid: [0.2 s, 0.6 s) holds frame times 2..5, showing coded frames 1, 1, 2, 3
+    assert decoded_indices(load_clip(path, 4, start=0.2, end=0.6)) == [1, 1, 2, 3]
+
+
+def test_rotation_metadata_turns_frames_upright(tmp_path):
+    """A phone video recorded upright is stored landscape with a display matrix saying "turn 90°
+    clockwise"; frames must come out as a player shows them. The matrix is written into the mp4's
+    track header by hand (PyAV cannot set it)."""
+    import struct
+
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:16, :16] = 255   # a white block in the top-left corner of the stored picture
+    path = write_raw(tmp_path / "phone.mp4", [img] * 4, "libx264")
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    assert data[at + 4] == 0   # version 0 header: the matrix is 44 bytes after the tag
+    struct.pack_into(">9i", data, at + 44, 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    frame = load_clip(path, 1).frames[0]
+    assert tuple(frame.shape) == (3, 64, 32)   # portrait
+    gray = frame.float().mean(0)
+    # turned clockwise: the stored top-left corner is now the top-right one
+    assert gray[:16, 16:].mean() > 200 and gray[:16, :16].mean() < 50 and gray[48:].mean() < 50
+
+
+def test_really_truncated_avi_is_still_reported(tmp_path):
+    path = write_raw(tmp_path / "v.avi", [index_frame(i) for i in range(40)], "mpeg4")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(VideoDecodeError, match="truncated"):
+        verify_video(path)
 
 
 # ----------------------------------------------------------------------------- bad input

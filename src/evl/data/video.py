@@ -58,7 +58,9 @@ SEEK_OVERHEAD_FRAMES = 4
 
 @dataclass
 class VideoInfo:
-    """What `probe_video` learns about a file without decoding pixels."""
+    """What `probe_video` learns about a file without decoding pixels. `width`/`height` are the coded
+    size; decoded frames come out upright (rotation metadata applied, PyAV backend), so a portrait
+    phone video has them swapped."""
 
     num_frames: int
     fps: float
@@ -188,9 +190,12 @@ def load_clip(path: str | Path, num_frames: int = 8, strategy: str = "uniform", 
     if backend == "decord":
         return _load_clip_decord(path, num_frames, strategy, indices, start, end, rng)
     table, info = _pyav_table(path)
-    times = table.times if table.pts else None
+    # with null frames the presented frames sit on the constant-rate grid: windows by fps
+    times = table.times if table.pts and table.repeats is None else None
     wanted = _choose_indices(path, info, times, num_frames, strategy, indices, start, end, rng)
-    pixels = _decode_pyav(path, table, sorted(set(wanted)), seek)
+    coded = wanted if table.repeats is None else [table.repeats[w] for w in wanted]
+    pixels = _decode_pyav(path, table, sorted(set(coded)), seek)
+    pixels = {w: pixels[c] for w, c in zip(wanted, coded, strict=True)}
     return _assemble(wanted, pixels, num_frames if indices is None else len(wanted), info)
 
 
@@ -204,11 +209,11 @@ def verify_video(path: str | Path, backend: str = "pyav") -> VideoInfo:
     path = _check_file(path, backend)
     if backend == "decord":
         return _verify_decord(path)
-    _, info = _pyav_table(path)
+    table, info = _pyav_table(path)
     with _pyav_open(path) as (container, stream):
         decoded = sum(1 for _ in _frames(container, stream))
-    if decoded != info.num_frames:
-        raise VideoDecodeError(path, f"decoded {decoded} frames but the container lists {info.num_frames}; "
+    if decoded != table.count:
+        raise VideoDecodeError(path, f"decoded {decoded} frames but the container holds {table.count}; "
                                      "the file is probably truncated or corrupt — re-encode or re-download it")
     return info
 
@@ -281,6 +286,13 @@ class _PacketTable:
     times: list[float]  # seconds from the first frame, per frame index
     keyframes: list[int]  # sorted frame indices of keyframes (always includes 0)
     count: int  # number of frame packets, with or without pts
+    # with null (repeat) frames: for each presented frame, the ordinal of the coded frame it shows
+    repeats: list[int] | None = None
+
+    @property
+    def presented(self) -> int:
+        """Frames a player shows: the coded ones plus the repeats of null frames."""
+        return len(self.repeats) if self.repeats is not None else self.count
 
 
 # Per-process cache of packet tables: demuxing a long file costs a full read, and datasets revisit the
@@ -379,21 +391,50 @@ def _demux_table(container: Any, stream: Any, path: str) -> _PacketTable:
             key_pts.append(packet.pts)
     if count == 0:
         raise VideoDecodeError(path, "the video stream holds no frames (empty or truncated file)")
-    if stream.frames and total < stream.frames:
-        raise VideoDecodeError(path, f"the container lists {stream.frames} frames but only {total} can be read; "
-                                     "the file is truncated — re-download or re-encode it")
+    listed = int(stream.frames or 0)
     if missing or len(set(pts)) != len(pts):
+        _check_tail(path, listed, total)
         return _PacketTable(pts=[], times=[], keyframes=[0], count=count)  # decode-and-count fallback
     pts.sort()
     tb = float(stream.time_base)
     rank = {p: i for i, p in enumerate(pts)}
-    return _PacketTable(pts=pts, times=[(p - pts[0]) * tb for p in pts],
-                        keyframes=sorted({rank[p] for p in key_pts} | {0}), count=count)
+    table = _PacketTable(pts=pts, times=[(p - pts[0]) * tb for p in pts],
+                         keyframes=sorted({rank[p] for p in key_pts} | {0}), count=count)
+    if listed > total:
+        table.repeats = _null_frame_repeats(pts, tb, stream.average_rate or stream.guessed_rate, listed)
+    _check_tail(path, listed, table.presented + total - count)
+    return table
+
+
+def _check_tail(path: str, listed: int, found: int) -> None:
+    """The header's frame count against the frames found. A short tail (an AVI header that counts a
+    frame more than it holds) is accepted; a file that really stops early (a cut-off download) is not."""
+    if listed and listed - found > max(2, listed // 100):
+        raise VideoDecodeError(path, f"the container lists {listed} frames but only {found} can be read; "
+                                     "the file is truncated — re-download or re-encode it")
+
+
+def _null_frame_repeats(pts: list[int], tb: float, rate: Any, listed: int) -> list[int] | None:
+    """Constant-rate containers (AVI) store "show the previous frame again" as empty chunks, which the
+    demuxer drops, leaving gaps of whole frame durations in the pts. Returns, per presented frame, the
+    coded frame it shows (the last one at or before it), up to the header's count; None when the pts
+    are not on a frame grid with gaps (a variable-frame-rate file keeps ordinal indexing)."""
+    if not rate or float(rate) <= 0:
+        return None
+    step = 1.0 / (float(rate) * tb)   # pts units per frame
+    ticks = [(p - pts[0]) / step for p in pts]
+    if step < 1 or any(abs(t - round(t)) > 1e-6 for t in ticks):
+        return None
+    ticks_int = [round(t) for t in ticks]
+    if ticks_int[-1] + 1 == len(pts):   # no gap: nothing is repeated
+        return None
+    span = max(ticks_int[-1] + 1, listed)   # null frames after the last coded one repeat it too
+    return [bisect.bisect_right(ticks_int, i) - 1 for i in range(span)]
 
 
 def _pyav_info(container: Any, stream: Any, table: _PacketTable, path: str) -> VideoInfo:
     """VideoInfo from the packet table; fps from the container's rate or, failing that, from the pts."""
-    n = table.count
+    n = table.presented
     width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
     if width <= 0 or height <= 0:
         raise VideoDecodeError(path, f"video stream has no frame size ({width}x{height})")
@@ -419,7 +460,8 @@ def _frames(container: Any, stream: Any) -> Iterator[Any]:
 
 
 def _rgb_converter() -> Callable[[Any], np.ndarray]:
-    """frame → (H, W, 3) uint8 RGB through one swscale context reused for the whole call.
+    """frame → (H, W, 3) uint8 RGB through one swscale context reused for the whole call, turned
+    upright as a player shows it (the display matrix, e.g. a phone video recorded in portrait).
 
     `frame.to_ndarray(format="rgb24")` builds a new swscale context for every frame, which costs
     more than decoding a small frame (3-4x slower on 64x64 clips).
@@ -427,7 +469,14 @@ def _rgb_converter() -> Callable[[Any], np.ndarray]:
     from av.video.reformatter import VideoReformatter
 
     reformatter = VideoReformatter()
-    return lambda frame: reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+    def convert(frame: Any) -> np.ndarray:
+        rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+        # `rotation`: degrees the display turns the picture counterclockwise (FFmpeg's convention)
+        quarter = round(frame.rotation / 90) % 4 if frame.rotation else 0
+        return np.rot90(rgb, quarter) if quarter else rgb
+
+    return convert
 
 
 def _plan_runs(wanted: list[int], keyframes: list[int], mode: SeekMode) -> list[tuple[int, list[int]]]:
