@@ -17,7 +17,10 @@ app = typer.Typer(help="evl: efficient video-language models — synthesise data
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect and check annotation files and videos.", no_args_is_help=True)
 bench_app = typer.Typer(help="Efficiency reports: parameters, GFLOPs, latency, throughput.", no_args_is_help=True)
+vq_app = typer.Typer(help="The VQ video tokenizer whose codes are E-ViLM's masked-video-modelling targets.",
+                     no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(vq_app, name="vq")
 app.add_typer(bench_app, name="bench")
 
 
@@ -148,6 +151,23 @@ def finetune(
         _fail(EvlError(f"--init {init}: not an evl checkpoint folder (no config.json); "
                        "pass e.g. runs/pretrain-tiny/final"))
     _train(config, overrides or [], str(init), resume, no_eval)
+
+
+@vq_app.command("train")
+def vq_train(
+    config: str = typer.Argument(..., help="Tokenizer recipe: packaged name (vq-tiny) or YAML file."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. teacher=runs/pretrain-tiny/final"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+) -> None:
+    """Train a VQ tokenizer (semantic: a teacher's features; pixel: VQ-VAE); final/ is what MVM loads."""
+    from evl.vq import load_vq_recipe, train_tokenizer
+
+    try:
+        summary = train_tokenizer(load_vq_recipe(config, overrides or []), resume=resume)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("eval")

@@ -19,6 +19,7 @@ from evl.losses.step import StepCache
 from evl.losses.terms import BatchTransform, LossTerm, TermContext
 from evl.models.mae_decoder import MAEDecoder
 from evl.models.masking import (
+    blockwise_mask,
     keep_index_from_mask,
     normalize_targets,
     num_masked,
@@ -28,36 +29,48 @@ from evl.models.masking import (
 )
 
 MASKS = {"tube": tube_mask, "random": random_mask}
+MASK_KINDS = {**MASKS, "blockwise": blockwise_mask}
 _SEED_MIX = 0x9E3779B97F4A7C15   # decorrelates the video mask from the caption mask drawn from the same seed
 
 
 class MaskVideo:
-    """Batch transform: a mask per clip → `video_mask` (B, N) bool (+ `video_keep_index` when shared).
+    """Batch transform: a mask per clip → `batch[key]` (B, N) bool (+ `video_keep_index` when shared).
 
-    Each clip's mask comes from a generator seeded by its sample seed, so it does not depend on the
-    batch it lands in (same masks after a resume with another batch split). A class, so DataLoader
-    workers started with "spawn" can pickle it."""
+    Each clip's mask comes from a generator seeded by its sample seed (mixed with `salt`, so two terms
+    draw different masks), so it does not depend on the batch it lands in (same masks after a resume
+    with another batch split). A class, so DataLoader workers started with "spawn" can pickle it."""
 
-    def __init__(self, patch_size: int, tubelet_size: int, ratio: float, kind: str, shared: bool):
+    def __init__(self, patch_size: int, tubelet_size: int, ratio: float, kind: str, shared: bool,
+                 key: str = "video_mask", salt: int = _SEED_MIX, **options):
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
-        self.ratio, self.kind, self.shared = ratio, kind, shared
+        self.ratio, self.kind, self.shared, self.key, self.salt = ratio, kind, shared, key, salt
+        self.options = options   # extra arguments of the mask function (blockwise: min_block)
 
     def __call__(self, batch: dict) -> dict:
         frames = batch["frames"]
         b, t, _, h, w = frames.shape
         grid = (t // self.tubelet_size, h // self.patch_size, w // self.patch_size)
         seeds = batch.get("sample_seeds")
-        make = MASKS[self.kind]
+        make = MASK_KINDS[self.kind]
         if seeds is None:
-            mask = make(b, grid, self.ratio)
+            mask = make(b, grid, self.ratio, **self.options)
         else:
-            rows = [make(1, grid, self.ratio, torch.Generator().manual_seed((int(s) ^ _SEED_MIX) % (1 << 63)))
-                    for s in seeds.tolist()]
+            rows = [make(1, grid, self.ratio, torch.Generator().manual_seed((int(s) ^ self.salt) % (1 << 63)),
+                         **self.options) for s in seeds.tolist()]
             mask = torch.cat(rows)
-        batch["video_mask"] = mask
+        batch[self.key] = mask
         if self.shared:
             batch["video_keep_index"] = keep_index_from_mask(mask)
         return batch
+
+
+def real_tokens(frame_mask: torch.Tensor | None, b: int, n: int, tubelet_size: int) -> torch.Tensor | None:
+    """(B, N) bool: the patch tokens whose tubelet holds at least one real (unpadded) frame; None when
+    every frame is real."""
+    if frame_mask is None:
+        return None
+    slots = frame_mask.view(b, -1, tubelet_size).any(dim=2)
+    return slots[:, :, None].expand(b, slots.shape[1], n // slots.shape[1]).reshape(b, n)
 
 
 def _visible_video(step: StepCache):
@@ -117,11 +130,7 @@ class VideoMAETerm(LossTerm):
         frames = step.batch["frames"]
         video = step["visible_video"]
         b, n = mask.shape
-        grid_valid = None
-        frame_mask = step.batch.get("frame_mask")
-        if frame_mask is not None:   # a tubelet is real if any of its frames is
-            slots = frame_mask.view(b, -1, self.tubelet_size).any(dim=2)
-            grid_valid = slots[:, :, None].expand(b, slots.shape[1], n // slots.shape[1]).reshape(b, n)
+        grid_valid = real_tokens(step.batch.get("frame_mask"), b, n, self.tubelet_size)
         pred = self.decoder(video.tokens, video.positions, video.grid, mask, video.token_mask, grid_valid)
         m = pred.shape[1]
         idx = mask.nonzero()[:, 1].view(b, m)
