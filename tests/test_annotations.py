@@ -260,18 +260,18 @@ LAVIS_BAD_ROWS = [
     ("not an object", '"just a string"', "'\\(row\\)'", "a JSON object"),
     ("missing video", {"caption": "x"}, "'video' is None", "required"),
     ("empty video", {"video": "", "caption": "x"}, "'video' is ''", "a non-empty string"),
-    ("caption type", {"video": "a", "caption": 3}, "'caption' is 3", "a string or a non-empty list of strings"),
-    ("caption list", {"video": "a", "caption": ["x", 2]}, "'caption'", "list of strings"),
+    ("caption type", {"video": "a", "caption": 3}, "'caption' is 3", "a non-blank string or a non-empty list of them"),
+    ("caption list", {"video": "a", "caption": ["x", 2]}, "'caption'", "list of them"),
     ("nothing", {"video": "a", "id": 1}, "'caption' is None", "a 'caption' \\(retrieval\\)"),
     ("question type", {"video": "a", "question": 5, "answer": "x"}, "'question' is 5", "non-empty string"),
-    ("answer type", {"video": "a", "question": "q", "answer": 1.5}, "'answer' is 1.5", "a string"),
+    ("answer type", {"video": "a", "question": "q", "answer": 1.5}, "'answer' is 1.5", "a non-blank string"),
     ("int answer without options", {"video": "a", "question": "q", "answer": 1}, "'answer' is 1", "candidates"),
     ("answer index out of range", {"video": "a", "caption": ["x", "y"], "answer": 2}, "'answer' is 2", "0..1"),
     ("answer not among options", {"video": "a", "options": ["x", "y"], "answer": "z"}, "'answer' is 'z'", "one of the choices"),
     ("start not a number", {"video": "a", "caption": "x", "start": "abc"}, "'start' is 'abc'", "a number"),
     ("start negative", {"video": "a", "caption": "x", "start": -1}, "'start' is -1", ">= 0"),
     ("end before start", {"video": "a", "caption": "x", "start": 5, "end": 2}, "'end' is 2", ">= start"),
-    ("options type", {"video": "a", "options": "x", "question": "q"}, "'options' is 'x'", "list of strings"),
+    ("options type", {"video": "a", "options": "x", "question": "q"}, "'options' is 'x'", "list of non-blank strings"),
 ]
 
 

@@ -226,7 +226,7 @@ def test_from_pretrained_is_strict(tiny_model_config, tmp_path):
 
     wrong = dict(clean, **{"vtm_head.bias": torch.zeros(3)})
     save_file(wrong, str(weights))
-    with pytest.raises(CheckpointError, match=r"vtm_head\.bias checkpoint \[3\] vs model \[2\]"):
+    with pytest.raises(CheckpointError, match=r"vtm_head\.bias: file \(3,\) vs config \(2,\)"):
         VideoLanguageModel.from_pretrained(folder)
 
 

@@ -130,9 +130,10 @@ class VideoLanguageModel(nn.Module):
             raise CheckpointError(f"{directory}/config.json has no 'model' section; was it saved by evl?")
         # build on the meta device first (no memory) and compare with the weights file's header, so an
         # edited or corrupt config.json (text.vocab_size=10**12) is an error, not a huge allocation
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in cls.from_config_dict(cfg["model"]).state_dict().items()}
-        check_shapes(shapes, directory, strip_prefix="model.")
+        if strict:   # non-strict loading skips mismatched tensors instead
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in cls.from_config_dict(cfg["model"]).state_dict().items()}
+            check_shapes(shapes, directory, strip_prefix="model.")
         model = cls.from_config_dict(cfg["model"])
         # also reads the Trainer's intermediate checkpoints (checkpoints/step_*), whose weights are
         # those of the training objective module, i.e. this model under "model."
