@@ -102,9 +102,10 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def compositional_breakdown(ret_model, qa_model, vocab, ann: Path, videos: Path, tok) -> dict:
+def compositional_breakdown(ret_model, qa_model, vocab, ann: Path, videos: Path, tok, all_too: bool = False) -> dict:
     """Retrieval and QA on test clips with colour×shape×verb combinations never seen in training
-    ("held_out") vs the other test clips ("seen"), each subset ranked against its own gallery."""
+    ("held_out") vs the other test clips ("seen"), each subset ranked against its own gallery; with
+    `all_too`, the whole test split as well ("all")."""
     from evl.data.annotations import read_annotations
     from evl.tasks.evaluate import EvalSettings, evaluate_qa, evaluate_retrieval
 
@@ -112,9 +113,10 @@ def compositional_breakdown(ret_model, qa_model, vocab, ann: Path, videos: Path,
     out: dict[str, dict] = {}
     ret = read_annotations(ann / "retrieval_test.json")
     qa = read_annotations(ann / "qa_test.json")
-    for name, flag in (("held_out", True), ("seen", False)):
-        r_sub = [r for r in ret if bool(r.meta.get("compositional")) == flag]
-        q_sub = [r for r in qa if bool(r.meta.get("compositional")) == flag]
+    parts = (("all", None),) * all_too + (("held_out", True), ("seen", False))
+    for name, flag in parts:
+        r_sub = [r for r in ret if flag is None or bool(r.meta.get("compositional")) == flag]
+        q_sub = [r for r in qa if flag is None or bool(r.meta.get("compositional")) == flag]
         if not r_sub or not q_sub:
             continue
         m = evaluate_retrieval(ret_model, r_sub, videos, tok, settings)
