@@ -140,18 +140,23 @@ def main() -> None:
             data, args.work / "teacher", ("pretrain.json", "retrieval_val.json"), args.pretrain_steps, 0)),
             evaluate=False)["checkpoint"]
         tokenizers = train_tokenizers(data, teacher, args.vq_steps, args.work)
-        rows = []
+        info = cpu_info()
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        rows: list[dict] = []
         for seed in args.seeds:
             for target in TARGETS:
                 rows.append(run_row(target, seed, args, data, tokenizers))
                 print(json.dumps(rows[-1]), flush=True)
-    info = cpu_info()
+                # after every row, so an interrupted run keeps what it measured
+                args.json.write_text(json.dumps({"cpu": info, "settings": settings, "tokenizers": tokenizers,
+                                                 "rows": rows, "complete": False,
+                                                 "wall_s": round(time.perf_counter() - t0, 1)}, indent=2, default=str))
     print(f"\nCPU: {info['model']} ({info['capability']}, {info['cores']} cores), torch {info['torch']}")
     print_table(rows, tokenizers)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
     args.json.write_text(json.dumps({"cpu": info, "settings": settings, "tokenizers": tokenizers, "rows": rows,
-                                     "wall_s": round(time.perf_counter() - t0, 1)}, indent=2, default=str))
+                                     "complete": True, "wall_s": round(time.perf_counter() - t0, 1)},
+                                    indent=2, default=str))
     print(f"wrote {args.json}")
 
 
