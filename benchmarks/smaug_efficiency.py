@@ -9,11 +9,11 @@ on CPU, max allocated on CUDA) is that configuration's own. Sparsification is me
 keep rate (the step reports `train_progress = 1`).
 
 Part 2 — downstream (tiny model, SynthVL 500 clips): each configuration pre-trains for the same number
-of steps, and again for the same wall-clock as the dense run (its steps scaled by the measured time per
-step); then zero-shot text→video R@1 on the held-out test split and open-ended QA accuracy after the same
+of steps, and again for the same wall-clock as the dense run (its steps scaled by part 1's time per step,
+measured for each configuration in a process of its own); then zero-shot text→video R@1 on the held-out test split and open-ended QA accuracy after the same
 QA fine-tuning (dense, from each checkpoint). At least two seeds; mean ± half-range per row.
 
-Usage: python benchmarks/smaug_efficiency.py [--models tiny small] [--steps 3] [--seeds 0 1]
+Usage: python benchmarks/smaug_efficiency.py [--models tiny small] [--steps 5] [--seeds 0 1]
        [--pretrain-steps 100] [--qa-steps 150] [--clips 500] [--skip-throughput] [--skip-downstream]
 Prints tables and writes benchmarks/results/smaug_efficiency.json; a part skipped with --skip-* keeps
 its rows from the previous JSON.
@@ -137,6 +137,21 @@ def _recipe(name: str, data: Path, out: Path, files: tuple[str, str], extra: lis
 
 
 def pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, data: Path, out: Path) -> dict:
+    """One row; its result is kept in `out/result.json`, and a later call with the same settings reuses it
+    (a benchmark restarted with the same --work resumes where it stopped)."""
+    cache = out / "result.json"
+    key = {"config": config, "seed": seed, "steps": steps, "qa_steps": qa_steps}
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if {k: kept.get(k) for k in key} == key:
+            print(f"reusing {cache}", flush=True)
+            return kept
+    row = _pretrain_and_evaluate(config, seed, steps, qa_steps, data, out)
+    cache.write_text(json.dumps({**row, **key}))
+    return row
+
+
+def _pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, data: Path, out: Path) -> dict:
     from evl.data.annotations import read_annotations
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
@@ -167,7 +182,12 @@ def pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, dat
             "final_losses": pre["final_losses"]}
 
 
-def downstream(seeds: list[int], steps: int, qa_steps: int, clips: int, work: Path) -> list[dict]:
+def downstream(seeds: list[int], steps: int, qa_steps: int, clips: int, work: Path,
+               step_s: dict[str, float] | None = None) -> list[dict]:
+    """Same-steps rows, then dense-wall-clock rows. The wall-clock budget of a configuration is
+    `steps` × (dense step time ÷ its step time), from `step_s` — part 1's step times, each measured in
+    a process of its own — when given, so a busy machine during part 2 cannot bias it; otherwise from
+    the part-2 runs' own times."""
     from evl.data.synthetic import write_synthvl
 
     data = work / "synthvl"
@@ -181,11 +201,12 @@ def downstream(seeds: list[int], steps: int, qa_steps: int, clips: int, work: Pa
             same_steps[config] = r
             rows.append({**r, "budget": "same steps"})
             print(json.dumps(rows[-1]), flush=True)
-        budget = same_steps["dense"]["train_time_s"]
+        times = step_s or {c: same_steps[c]["s_per_step"] for c in CONFIGS}
         for config in CONFIGS[1:]:
-            n = max(1, int(budget / same_steps[config]["s_per_step"]))
-            r = pretrain_and_evaluate(config, seed, n, qa_steps, data, work / f"s{seed}-{config}-wall")
-            rows.append({**r, "budget": "dense wall-clock"})
+            n = max(1, round(steps * times["dense"] / times[config]))
+            r = pretrain_and_evaluate(config, seed, n, qa_steps, data, work / f"s{seed}-{config}-wall{n}")
+            rows.append({**r, "budget": "dense wall-clock",
+                         "budget_from": "part 1 step times" if step_s else "part 2 run times"})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -226,7 +247,7 @@ def print_tables(rows: list[dict], down: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--steps", type=int, default=3, help="timed training steps per throughput row")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per throughput row")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--pretrain-steps", type=int, default=100)
     ap.add_argument("--qa-steps", type=int, default=150)
@@ -247,8 +268,10 @@ def main() -> None:
     rows = [] if args.skip_throughput else throughput(args.models, args.steps)
     down: list[dict] = []
     if not args.skip_downstream:
+        step_s = {r["config"]: r["step_s"] for r in rows if r["model"] == "tiny"} or None
         with tempfile.TemporaryDirectory() as tmp:
-            down = downstream(args.seeds, args.pretrain_steps, args.qa_steps, args.clips, args.work or Path(tmp))
+            down = downstream(args.seeds, args.pretrain_steps, args.qa_steps, args.clips, args.work or Path(tmp),
+                              step_s if step_s and len(step_s) == len(CONFIGS) else None)
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if args.skip_throughput and previous.get("throughput"):
         rows = previous["throughput"]
