@@ -85,6 +85,7 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
     t0 = time.perf_counter()
     while landed < kills:
         launches += 1
+        before = set(_leftovers(out_b))   # a stale temporary stays until the next checkpoint write clears it
         proc = _launch(recipe_b, resume=True)
         delay = rng.uniform(0.1, 0.45) * t_a   # a launch starts (a few s), then trains
         try:
@@ -93,7 +94,7 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
             os.kill(proc.pid, signal.SIGKILL)
             proc.communicate()
             landed += 1
-            left = _leftovers(out_b)
+            left = sorted(set(_leftovers(out_b)) - before)
             inside += bool(left)
             step = max((r["step"] for r in _metrics(out_b)), default=0)
             print(f"kill {landed:2d} after {delay:5.1f} s: logged up to step {step}"
