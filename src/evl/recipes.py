@@ -23,6 +23,7 @@ from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import ANSWERS_FILE, get_task
 from evl.train.objective import TrainObjective
+from evl.train.state import check_out_dir
 from evl.train.trainer import SKIP_WARN_RATE, Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     if task.uses_answer_vocab:
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)
         model.set_num_answers(len(vocab))
+        check_out_dir(out_dir, resume, cfg.train.overwrite)   # before writing: an old run's vocab stays
         if is_main:   # beside the run, so intermediate checkpoints can be evaluated too
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
