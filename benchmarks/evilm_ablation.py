@@ -2,8 +2,8 @@
 
 The same tiny model, SynthVL data and number of steps for every row. First a teacher (the tiny model
 pre-trained with VTC + VTM + MLM, `pretrain-tiny`) and three tokenizers (`vq-tiny`): semantic (the
-teacher's video features), pixel (VQ-VAE) and semantic with dead-code restart; their codebook usage
-is reported. Then, per seed and target, pre-training with VTC + VTM + MLM (+ MVM with that target),
+teacher's video features) and pixel (VQ-VAE), both with dead-code restart, and semantic without it
+(BEiT-v2's setting); their codebook usage is reported. Then, per seed and target, pre-training with VTC + VTM + MLM (+ MVM with that target),
 retrieval fine-tuning (`--retrieval-steps`; 0 = zero-shot) and QA fine-tuning from the checkpoint, and
 text→video R@1 and QA accuracy on the held-out test split — all of it, the clips with colour×shape×verb
 combinations never seen in training ("held_out"), and the rest ("seen"). Mean ± half-range over seeds.
@@ -26,8 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "evilm_ablation.json"
 TARGETS = ("none", "pixel", "vqvae", "semantic")
-TOKENIZERS = {"semantic": [], "vqvae": ["tokenizer.target=pixel", "teacher=null"],
-              "semantic+restart": ["tokenizer.restart_dead=1.0"]}
+TOKENIZERS = {"semantic": ["tokenizer.restart_dead=1.0"],
+              "vqvae": ["tokenizer.target=pixel", "teacher=null", "tokenizer.restart_dead=1.0"],
+              "semantic, no restart": ["tokenizer.restart_dead=0"]}
 
 
 def _overrides(data: Path, out: Path, files: tuple[str, str], steps: int, seed: int) -> list[str]:
@@ -43,7 +44,7 @@ def train_tokenizers(data: Path, teacher: str, steps: int, work: Path) -> dict[s
     out = {}
     for name, extra in TOKENIZERS.items():
         over = [f"data.train={data / 'annotations' / 'pretrain.json'}", f"data.videos={data / 'videos'}",
-                f"train.out_dir={work / ('vq-' + name)}", f"train.max_steps={steps}", "train.overwrite=true",
+                f"train.out_dir={work / ('vq-' + name.replace(', ', '-').replace(' ', '-'))}", f"train.max_steps={steps}", "train.overwrite=true",
                 f"teacher={teacher}", *extra]
         summary = train_tokenizer(load_vq_recipe("vq-tiny", over))
         out[name] = {"checkpoint": summary["checkpoint"], "usage": summary["usage"],
