@@ -19,8 +19,11 @@ data_app = typer.Typer(help="Inspect and check annotation files and videos.", no
 bench_app = typer.Typer(help="Efficiency reports: parameters, GFLOPs, latency, throughput.", no_args_is_help=True)
 vq_app = typer.Typer(help="The VQ video tokenizer whose codes are E-ViLM's masked-video-modelling targets.",
                      no_args_is_help=True)
+vlap_app = typer.Typer(help="VLAP: frame-level video QA reading k of N frames (Frame-Prompter + QFormer-Distiller).",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(vq_app, name="vq")
+app.add_typer(vlap_app, name="vlap")
 app.add_typer(bench_app, name="bench")
 
 
@@ -168,6 +171,86 @@ def vq_train(
         _fail(e)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps(summary, indent=2))
+
+
+@vlap_app.command("train")
+def vlap_train(
+    config: str = typer.Argument(..., help="VLAP recipe: packaged name (vlap-teacher-tiny, vlap-tiny) or YAML file."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. model.select=uniform distill=0"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+) -> None:
+    """Train a frame-QA model (the all-frames teacher, or Frame-Prompter + student); final/ is what `evl ask` loads."""
+    from evl.vlap import load_vlap_recipe, train_vlap
+
+    try:
+        summary = train_vlap(load_vlap_recipe(config, overrides or []), resume=resume)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@vlap_app.command("eval")
+def vlap_eval(
+    checkpoint: Path = typer.Argument(..., help="Frame-QA checkpoint folder (final/ of `evl vlap train`)."),
+    data: Path = typer.Option(..., "--data", help="QA annotation file (or multiple-choice with --task mc)."),
+    videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
+    task: str = typer.Option("qa", "--task", help="qa or mc."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
+) -> None:
+    """Accuracy of a frame-QA checkpoint, overall and per question type, reading the frames it selects."""
+    from evl.data.annotations import read_annotations
+    from evl.data.text import tokenizer_for
+    from evl.models.frame_qa import FrameQAModel
+    from evl.vlap import evaluate_features, extract_features
+
+    try:
+        if task not in ("qa", "mc"):
+            raise EvlError(f"--task {task}: must be qa or mc")
+        if not data.is_file():
+            raise EvlError(f"--data {data}: no such annotation file")
+        model = FrameQAModel.from_pretrained(checkpoint)
+        records = read_annotations(data)
+        feats = extract_features(model, records, str(videos) if videos else None, None)
+        metrics = evaluate_features(model, records, feats, tokenizer_for(model.cfg, checkpoint),
+                                    FrameQAModel.read_vocab(checkpoint), task)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps(metrics) if as_json else "\n".join(f"{k:24s} {v}" for k, v in metrics.items()))
+
+
+@app.command()
+def ask(
+    video: Path = typer.Argument(..., help="A video file (any container FFmpeg reads)."),
+    question: str = typer.Argument(..., help="The question, e.g. \"what colour is the square?\""),
+    model: Path = typer.Option(..., "--model", help="Frame-QA checkpoint folder (final/ of `evl vlap train`)."),
+    top: int = typer.Option(5, "--top", help="How many answers to list (the answer and its alternatives)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer one question about one video: the answer, its score, alternatives, and the frames read."""
+    import dataclasses
+
+    from evl.data.text import tokenizer_for
+    from evl.models.frame_qa import FrameQAModel
+    from evl.vlap import ask as ask_video
+
+    try:
+        if top < 1:
+            raise EvlError(f"--top {top}: must be >= 1")
+        qa_model = FrameQAModel.from_pretrained(model)
+        result = ask_video(qa_model, FrameQAModel.read_vocab(model), tokenizer_for(qa_model.cfg, model), video,
+                           question, top)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result)))
+        return
+    typer.echo(f"answer: {result.answer}  (score {result.score:.3f})")
+    if result.alternatives:
+        typer.echo("alternatives: " + ", ".join(f"{a} {s:.3f}" for a, s in result.alternatives))
+    typer.echo("frames read: " + ", ".join(
+        f"#{f['candidate']} (frame {f['source_frame']}" + (f", {f['time_s']:.2f} s)" if f["time_s"] is not None else ")")
+        for f in result.frames))
 
 
 @app.command("eval")

@@ -173,7 +173,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-CONFIG_KINDS = {"models": "model config", "recipes": "recipe", "tokenizers": "tokenizer recipe"}
+CONFIG_KINDS = {"models": "model config", "recipes": "recipe", "tokenizers": "tokenizer recipe", "vlap": "VLAP recipe"}
 
 
 def packaged_configs(kind: str) -> list[str]:

@@ -111,28 +111,36 @@ class VideoTextDataset(Dataset):
         frames, mask = loaded
         sample: dict[str, Any] = {"frames": frames, "frame_mask": mask, "video_name": record.video,
                                   "clip_key": clip_key(record), "index": index}
-        if self.text == "caption":
-            if not record.captions:
-                raise ValueError(f"{record.source}: record has no caption but the task needs one")
-            sample["text"] = random.choice(record.captions) if self.clip.train else record.captions[0]
-        elif self.text == "question":
-            if record.question is None:
-                raise ValueError(f"{record.source}: record has no question but the task needs one")
-            sample["text"] = record.question
-            sample["answer"] = record.answer
-            sample["qtype"] = record.qtype
+        sample.update(record_text(record, self.text, self.clip.train))
         # a per-sample seed for batch transforms (MLM / video masks): drawn under the Trainer's RNG
         # seeded by (seed, epoch, index), so a sample's masks do not depend on which micro-batch,
         # rank or accumulation step it lands in
         sample["seed"] = random.getrandbits(62)
-        sample["verbs"] = list(record.meta.get("verbs", []))
-        sample["nouns"] = list(record.meta.get("nouns", []))
-        if record.options is not None:
-            # question-answer MC (NExT-QA, STAR) scores "question + option"; caption MC the option alone
-            q = record.question
-            sample["options"] = [f"{q} {o}" for o in record.options] if q else list(record.options)
-            sample["answer_index"] = record.answer_index
         return sample
+
+
+def record_text(record: Record, text: TextMode, train: bool) -> dict[str, Any]:
+    """A sample's text fields from its record: the caption (random in training) or the question and
+    answer, the multiple-choice options, and the metadata tags (verbs, nouns) EgoNCE reads."""
+    sample: dict[str, Any] = {}
+    if text == "caption":
+        if not record.captions:
+            raise ValueError(f"{record.source}: record has no caption but the task needs one")
+        sample["text"] = random.choice(record.captions) if train else record.captions[0]
+    elif text == "question":
+        if record.question is None:
+            raise ValueError(f"{record.source}: record has no question but the task needs one")
+        sample["text"] = record.question
+        sample["answer"] = record.answer
+        sample["qtype"] = record.qtype
+    sample["verbs"] = list(record.meta.get("verbs", []))
+    sample["nouns"] = list(record.meta.get("nouns", []))
+    if record.options is not None:
+        # question-answer MC (NExT-QA, STAR) scores "question + option"; caption MC the option alone
+        q = record.question
+        sample["options"] = [f"{q} {o}" for o in record.options] if q else list(record.options)
+        sample["answer_index"] = record.answer_index
+    return sample
 
 
 class Collator:
@@ -165,6 +173,14 @@ class Collator:
             "verbs": [s["verbs"] for s in samples],
             "nouns": [s["nouns"] for s in samples],
         }
+        batch.update(self.text_fields(samples))
+        for transform in self.transforms:
+            batch = transform(batch)
+        return batch
+
+    def text_fields(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Token ids of the text, QA answers (and their ids), multiple-choice options of the samples."""
+        batch: dict[str, Any] = {}
         if "text" in samples[0]:
             tok = self.tokenizer([s["text"] for s in samples], max_length=self.max_text_len)
             batch["input_ids"], batch["attention_mask"] = tok.input_ids, tok.attention_mask
@@ -181,6 +197,4 @@ class Collator:
             batch["option_ids"] = tok.input_ids.view(len(samples), k, -1)
             batch["option_mask"] = tok.attention_mask.view(len(samples), k, -1)
             batch["answer_index"] = torch.tensor([s["answer_index"] for s in samples])
-        for transform in self.transforms:
-            batch = transform(batch)
         return batch
