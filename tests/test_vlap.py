@@ -187,7 +187,8 @@ def _recipe(tmp_path: Path, synthvl: Path, name: str, **extra) -> Path:
                      "videos": str(synthvl / "videos")},
             "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "ckpt_every": 0, "log_every": 1,
                       "out_dir": str(tmp_path / name)},
-            "feature_cache": str(tmp_path / "features"), **extra}
+            "feature_cache": str(tmp_path / "features")}
+    data.update(extra)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -300,3 +301,16 @@ def test_user_errors_are_clear(tmp_path, synthvl, teacher, base):
     missing = _error(_invoke(["ask", str(tmp_path / "nope.mp4"), "what?", "--model", str(teacher)]))
     assert "nope.mp4" in missing
     assert "not a frame-QA model" in _error(_invoke(["ask", str(video), "what?", "--model", str(base)]))
+
+
+def test_multiple_choice_scores_each_option_as_the_question(tmp_path, synthvl, base):
+    ann = synthvl / "annotations"
+    recipe = _recipe(tmp_path, synthvl, "mc", backbone=str(base), task="mc",
+                     data={"train": str(ann / "mc_train.json"), "test": str(ann / "mc_test.json"),
+                           "videos": str(synthvl / "videos")}, model={"select": "uniform", "num_frames": 2})
+    summary = _json(_invoke(["vlap", "train", str(recipe)]))
+    assert 0 <= summary["test"]["mc_accuracy"] <= 100 and summary["test"]["frames_read"] == 2
+    ckpt = summary["checkpoint"]
+    assert not (Path(ckpt) / "answers.json").exists()
+    video = next((synthvl / "videos").glob("*.mp4"))
+    assert "not trained on open-ended QA" in _error(_invoke(["ask", str(video), "what?", "--model", ckpt]))

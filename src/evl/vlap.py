@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key, record_text
 from evl.errors import ConfigError
-from evl.losses.functional import mc_loss, qa_loss
+from evl.losses.functional import distill_loss, mc_loss, qa_loss
 from evl.models.frame_prompter import Selection
 from evl.models.frame_qa import FrameQAConfig, FrameQAModel
 from evl.models.qformer import TokenMap
@@ -236,7 +236,7 @@ class VLAPObjective(nn.Module):
         if self.distiller is not None:
             with torch.no_grad():
                 _, target = answer(self.teacher, batch, self.task)
-            losses["distill"] = F.mse_loss(self.distiller(out.queries), target.queries)
+            losses["distill"] = distill_loss(self.distiller(out.queries), target.queries)
             loss = loss + self.distill * losses["distill"]
         if self.model.localizer is not None:
             labels = pseudo_labels(self.teacher, batch)

@@ -1,0 +1,204 @@
+"""VLAP against all frames, uniform sampling and a SeViLA-style localizer, side by side in one run.
+
+On SynthVL QA (held-out test split; ~40% of its events last 2–4 of 16 frames, what uniform sampling
+misses): the frozen towers of the tiny model pre-trained with VTC + VTM + MLM (`--backbone`, or
+`pretrain-tiny` trained here), N = 16 candidate frames per clip. Per seed: the all-frames teacher
+(`vlap-teacher-tiny`), then for each k, students started from the teacher:
+
+    uniform             k uniformly spaced frames
+    sevila              SeViLA-style localizer (scores every frame alone; pseudo-labels from the teacher)
+    vlap, no distill    question-aware Frame-Prompter, answer loss only
+    vlap                question-aware Frame-Prompter + QFormer-Distiller (λ = 0.01)
+    vlap, frames-only   the released code's selector (no question) + distiller
+
+Accuracy overall, on temporal-order and on action questions (mean ± half-range over seeds); then the
+latency per question of each seed-0 checkpoint from decoded frames (decoding excluded), median of
+repeated runs, batch 1 and batch 32, all models timed interleaved in this one process.
+
+Usage: python benchmarks/vlap_frames.py [--seeds 0 1] [--ks 2 4] [--teacher-steps 300]
+       [--student-steps 200] [--clips 500] [--backbone CKPT] [--work DIR] [--skip-latency]
+       python benchmarks/vlap_frames.py --merge A.json B.json --work DIR   (rows of separate runs, e.g. one
+       seed per process; then the latency pass on a quiet machine)
+Prints a table and writes benchmarks/results/vlap_frames.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "vlap_frames.json"
+VARIANTS = {
+    "uniform": ["model.select=uniform", "teacher=null", "distill=0"],
+    "sevila": ["model.select=localizer", "distill=0"],
+    "vlap, no distill": ["model.select=prompter", "model.question_aware=true", "teacher=null", "distill=0"],
+    "vlap": ["model.select=prompter", "model.question_aware=true", "distill=0.01"],
+    "vlap, frames-only": ["model.select=prompter", "model.question_aware=false", "distill=0.01"],
+}
+
+
+def _common(data: Path, work: Path, out: str, steps: int, seed: int) -> list[str]:
+    ann = data / "annotations"
+    return [f"data.train={ann / 'qa_train.json'}", f"data.test={ann / 'qa_test.json'}",
+            f"data.videos={data / 'videos'}", f"train.out_dir={work / out}", f"train.max_steps={steps}",
+            f"train.seed={seed}", "train.overwrite=true", "train.log_every=50", f"feature_cache={work / 'features'}"]
+
+
+def _row(name: str, k: int, seed: int, summary: dict) -> dict:
+    test = summary["test"]
+    return {"method": name, "k": k, "seed": seed, "accuracy": test["qa_accuracy"],
+            "temporal": test["per_type"].get("temporal"), "action": test["per_type"].get("action"),
+            "per_type": test["per_type"], "train_s": round(summary["train_time_s"], 1),
+            "final_losses": summary["final_losses"], "checkpoint": summary["checkpoint"]}
+
+
+def train_rows(args, data: Path, backbone: str) -> list[dict]:
+    from evl.vlap import load_vlap_recipe, train_vlap
+
+    rows = []
+    for seed in args.seeds:
+        teacher = train_vlap(load_vlap_recipe("vlap-teacher-tiny", [f"backbone={backbone}", *_common(
+            data, args.work, f"s{seed}-teacher", args.teacher_steps, seed)]))
+        rows.append(_row("all frames", 16, seed, teacher))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_type"}), flush=True)
+        for k in args.ks:
+            for name, extra in VARIANTS.items():
+                tag = name.replace(", ", "-").replace(" ", "-")
+                summary = train_vlap(load_vlap_recipe("vlap-tiny", [
+                    f"init={teacher['checkpoint']}", f"teacher={teacher['checkpoint']}", f"model.num_frames={k}",
+                    *_common(data, args.work, f"s{seed}-k{k}-{tag}", args.student_steps, seed), *extra]))
+                rows.append(_row(name, k, seed, summary))
+                print(json.dumps({k_: v for k_, v in rows[-1].items() if k_ != "per_type"}), flush=True)
+        _write(args, rows, None)
+    return rows
+
+
+def measure_latency(rows: list[dict], data: Path, repeats: int, batch: int) -> dict[str, dict]:
+    """Median seconds per question, batch 1 and batched, for the seed-0 checkpoints, interleaved."""
+    import torch
+
+    from evl.data.annotations import read_annotations
+    from evl.data.datasets import ClipSettings, VideoTextDataset
+    from evl.data.text import tokenizer_for
+    from evl.models.frame_qa import FrameQAModel
+
+    seed0 = [r for r in rows if r["seed"] == min(r["seed"] for r in rows)]
+    models = {(r["method"], r["k"]): FrameQAModel.from_pretrained(r["checkpoint"]) for r in seed0}
+    first = next(iter(models.values()))
+    records = read_annotations(data / "annotations" / "qa_test.json")[:batch]
+    ds = VideoTextDataset(records, data / "videos", ClipSettings(num_frames=16, size=first.cfg.video.image_size), "question")
+    samples = [ds[i] for i in range(len(records))]
+    frames = torch.stack([s["frames"] for s in samples])
+    mask = torch.stack([s["frame_mask"] for s in samples])
+    tok = tokenizer_for(first.cfg, seed0[0]["checkpoint"])([s["text"] for s in samples], max_length=32)
+    times: dict[tuple, dict[str, list[float]]] = {key: {"b1": [], "batch": []} for key in models}
+    with torch.inference_mode():
+        for m in models.values():   # warm-up
+            m(frames[:1], mask[:1], tok.input_ids[:1], tok.attention_mask[:1])
+        for r in range(repeats):
+            for key, m in models.items():
+                i = r % len(records)
+                t0 = time.perf_counter()
+                m(frames[i:i + 1], mask[i:i + 1], tok.input_ids[i:i + 1], tok.attention_mask[i:i + 1])
+                times[key]["b1"].append(time.perf_counter() - t0)
+            if r % 4 == 0:
+                for key, m in models.items():
+                    t0 = time.perf_counter()
+                    m(frames, mask, tok.input_ids, tok.attention_mask)
+                    times[key]["batch"].append((time.perf_counter() - t0) / len(records))
+    return {f"{name}|{k}": {"ms_per_question_b1": round(1000 * statistics.median(t["b1"]), 3),
+                            f"ms_per_question_b{len(records)}": round(1000 * statistics.median(t["batch"]), 3)}
+            for (name, k), t in times.items()}
+
+
+def _stat(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def print_table(rows: list[dict], latency: dict | None) -> None:
+    head = f"{'method':20s} {'k':>3s} {'accuracy':>12s} {'temporal':>12s} {'action':>12s} {'ms/q b1':>9s} {'ms/q b32':>9s} {'speed-up':>9s}"
+    print("\n" + head + "\n" + "-" * len(head))
+    keys = list(dict.fromkeys((r["method"], r["k"]) for r in rows))
+    base = (latency or {}).get("all frames|16", {})
+    for name, k in keys:
+        rs = [r for r in rows if (r["method"], r["k"]) == (name, k)]
+        lat = (latency or {}).get(f"{name}|{k}", {})
+        b1 = lat.get("ms_per_question_b1")
+        bb = next((v for key, v in lat.items() if key.startswith("ms_per_question_b") and key != "ms_per_question_b1"), None)
+        base_b1 = base.get("ms_per_question_b1")
+        print(f"{name:20s} {k:3d} {_stat([r['accuracy'] for r in rs]):>12s} {_stat([r['temporal'] for r in rs]):>12s} "
+              f"{_stat([r['action'] for r in rs]):>12s} {b1 if b1 is not None else '-':>9} {bb if bb is not None else '-':>9} "
+              f"{f'{base_b1 / b1:.2f}x' if b1 and base_b1 else '-':>9s}")
+
+
+def _write(args, rows, latency, complete: bool = False) -> None:
+    from evl.precision import cpu_info
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"cpu": cpu_info(), "settings": settings, "rows": rows, "latency": latency,
+                                     "complete": complete}, indent=2, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--ks", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--student-steps", type=int, default=200)
+    ap.add_argument("--pretrain-steps", type=int, default=100)
+    ap.add_argument("--clips", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=40, help="timed batch-1 questions per model")
+    ap.add_argument("--backbone", default=None, help="evl checkpoint whose towers are used (default: train pretrain-tiny)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temp folder)")
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--skip-latency", action="store_true", help="train and evaluate only")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="rows from earlier runs' JSON files")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from evl.data.synthetic import write_synthvl
+    from evl.precision import cpu_info
+    from evl.recipes import load_recipe, run_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work = args.work or Path(tmp)
+        data = args.work / "synthvl"
+        if not (data / "annotations" / "qa_train.json").is_file():
+            write_synthvl(data, clips=args.clips, seed=0, frames=16, size=64)
+        backbone = args.backbone
+        if backbone is None and not args.merge:
+            ann = data / "annotations"
+            backbone = run_recipe(load_recipe("pretrain-tiny", [
+                f"data.train={ann / 'pretrain.json'}", f"data.test={ann / 'retrieval_val.json'}",
+                f"data.videos={data / 'videos'}", f"train.out_dir={args.work / 'backbone'}",
+                f"train.max_steps={args.pretrain_steps}", "train.ckpt_every=0", "train.overwrite=true"]),
+                evaluate=False)["checkpoint"]
+        if args.merge:
+            rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        else:
+            rows = train_rows(args, data, backbone)
+        latency = None if args.skip_latency else measure_latency(rows, data, args.repeats, 32)
+        info = cpu_info()
+        print(f"\nCPU: {info['model']} ({info['capability']}, {info['cores']} cores), torch {info['torch']}")
+        print_table(rows, latency)
+        _write(args, rows, latency, complete=True)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
