@@ -117,6 +117,20 @@ def measure_latency(rows: list[dict], data: Path, repeats: int, batch: int) -> d
             for (name, k), t in times.items()}
 
 
+def baselines(data: Path) -> dict:
+    """What answering without the video scores: the most frequent training answer, overall and per type."""
+    from evl.data.annotations import read_annotations
+    from evl.tasks.qa import majority_baseline
+
+    train = read_annotations(data / "annotations" / "qa_train.json")
+    test = read_annotations(data / "annotations" / "qa_test.json")
+    out = majority_baseline([r.answer for r in train], [r.answer for r in test], [r.qtype for r in test],
+                            [r.qtype for r in train])
+    per_type = out["per_type_majority"]
+    return {"majority": round(out["accuracy"], 1), "per_type_majority": round(per_type["accuracy"], 1),
+            "per_type_majority_by_type": {t: round(v, 1) for t, v in per_type["per_type"].items()}}
+
+
 def _stat(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -142,13 +156,13 @@ def print_table(rows: list[dict], latency: dict | None) -> None:
               f"{f'{base_b1 / b1:.2f}x' if b1 and base_b1 else '-':>9s}")
 
 
-def _write(args, rows, latency, complete: bool = False) -> None:
+def _write(args, rows, latency, complete: bool = False, baselines: dict | None = None) -> None:
     from evl.precision import cpu_info
 
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"cpu": cpu_info(), "settings": settings, "rows": rows, "latency": latency,
-                                     "complete": complete}, indent=2, default=str))
+                                     "baselines": baselines, "complete": complete}, indent=2, default=str))
 
 
 def main() -> None:
@@ -193,10 +207,14 @@ def main() -> None:
         else:
             rows = train_rows(args, data, backbone)
         latency = None if args.skip_latency else measure_latency(rows, data, args.repeats, 32)
+        floor = baselines(data)
         info = cpu_info()
         print(f"\nCPU: {info['model']} ({info['capability']}, {info['cores']} cores), torch {info['torch']}")
         print_table(rows, latency)
-        _write(args, rows, latency, complete=True)
+        by_type = floor["per_type_majority_by_type"]
+        print(f"no video: majority {floor['majority']}; per-type majority {floor['per_type_majority']} "
+              f"(temporal {by_type.get('temporal')}, action {by_type.get('action')})")
+        _write(args, rows, latency, complete=True, baselines=floor)
     print(f"wrote {args.json}")
 
 
