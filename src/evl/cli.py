@@ -253,6 +253,86 @@ def ask(
         for f in result.frames))
 
 
+@app.command("index")
+def index_videos(
+    video_dir: Path = typer.Argument(..., help="Folder of videos (searched recursively; any container FFmpeg reads)."),
+    model: Path = typer.Option(..., "--model", help="evl checkpoint folder whose dual encoder embeds the videos."),
+    out: Path | None = typer.Option(None, "--out", help="Index folder (default: VIDEO_DIR/.evl-index)."),
+    segment: float | None = typer.Option(None, "--segment", help="Index overlapping segments of this many seconds."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Clips per forward pass."),
+    approx_above: int = typer.Option(100_000, "--approx-above", help="Use an approximate (HNSW) index above this many items."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Index (or update the index of) a folder of videos: only new or changed files are encoded."""
+    import dataclasses
+
+    from evl.search.index import build_index
+
+    out = out or video_dir / ".evl-index"
+    try:
+        if batch_size < 1:
+            raise EvlError(f"--batch-size {batch_size}: must be >= 1")
+        with _progress() as bar:
+            report = build_index(video_dir, model, out, segment, batch_size, approx_above, progress=bar)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report)))
+        return
+    typer.echo(f"{out}: {report.items} items ({report.kind}"
+               + (f", recall@10 {report.recall_at_10:.3f} vs exact" if report.recall_at_10 is not None else "") + "); "
+               f"{len(report.added)} added, {len(report.updated)} updated, {len(report.removed)} removed, "
+               f"{report.unchanged} unchanged, {len(report.failed)} unreadable ({report.seconds:.1f} s)")
+    for path, why in sorted(report.failed.items()):
+        typer.echo(f"  skipped {path}: {why}")
+
+
+class _progress:
+    """A rich progress bar on stderr while videos are encoded; a callable (done, total, name)."""
+
+    def __enter__(self):
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True, console=None)
+        self.bar.start()
+        self.task = None
+        return self
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("encoding", total=total)
+        self.bar.update(self.task, completed=done, description=name[-40:])
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `evl index`."),
+    query: str = typer.Argument(..., help="What the video shows, e.g. \"a red square grows\"."),
+    k: int = typer.Option(10, "-k", help="How many results."),
+    rerank: int = typer.Option(0, "--rerank", help="Re-score the dual encoder's top K with the fusion model (0 = off)."),
+    model: Path | None = typer.Option(None, "--model", help="Query model (default: the one that built the index)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Search an index with a text query: the best matching videos or segments, with scores."""
+    import dataclasses
+
+    from evl.search.query import SearchIndex
+
+    try:
+        hits = SearchIndex(index_dir, model).search(query, k, rerank)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(h) for h in hits]))
+        return
+    for rank, h in enumerate(hits, 1):
+        window = f"  [{h.start:.1f}-{h.end:.1f} s]" if h.start is not None else ""
+        typer.echo(f"{rank:3d}. {h.score:.3f}  {h.path}{window}")
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (model.safetensors + config.json)."),

@@ -1,0 +1,311 @@
+"""`evl index VIDEO_DIR --model CKPT`: a searchable index of a folder of videos.
+
+Layout of an index folder:
+
+    meta.sqlite    what was indexed: `info` (model checkpoint, its fingerprint, embedding width,
+                   tokenizer, root folder, segment length), `videos` (relative path, size, mtime,
+                   content fingerprint, duration, fps, or why it could not be read) and `items`
+                   (one per video or per segment: start/end seconds, a PNG thumbnail, the embedding)
+    index.faiss    the vector index over `items.id`, rebuilt from the stored embeddings at the end
+                   of every run: exact inner product up to `approx_above` items, HNSW above it
+
+Each video's items are committed in one transaction as soon as they are encoded, so an interrupted run
+loses at most the batch in flight and a re-run resumes where it stopped. A re-run encodes only files
+that are new or whose size, mtime or content fingerprint changed, and drops the items of deleted ones.
+The embeddings come from the core's `embed_clips` (the retrieval gallery builder), so search ranks a
+folder exactly as `evl eval --task retrieval` ranks a test set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DB_FILE, INDEX_FILE = "meta.sqlite", "index.faiss"
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS videos (
+    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, mtime REAL NOT NULL,
+    fingerprint TEXT NOT NULL, duration REAL, fps REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, video_id INTEGER NOT NULL REFERENCES videos(id) ON DELETE CASCADE,
+    start REAL, end REAL, thumbnail BLOB, embedding BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS items_video ON items(video_id);
+"""
+
+
+@dataclass
+class IndexReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)   # path → why it could not be indexed
+    items: int = 0
+    kind: str = "exact"
+    recall_at_10: float | None = None                       # approximate index against exact search
+    seconds: float = 0.0
+
+
+def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+    """sha1 of the size, the first and the last MiB: changes with any re-encode, cheap on big files."""
+    h = hashlib.sha1()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def model_fingerprint(checkpoint: Path) -> str:
+    """sha1 of the model's weights file and tokenizer: an index answers only queries of that model."""
+    h = hashlib.sha1()
+    for name in ("model.safetensors", "tokenizer.json"):
+        p = checkpoint / name
+        if p.is_file():
+            with p.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def find_videos(root: Path) -> list[Path]:
+    """Video files under `root` (recursively, by extension), sorted; links that leave `root` are skipped."""
+    real_root = root.resolve()
+    found = []
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.suffix.lower() not in VIDEO_SUFFIXES:
+                continue
+            if not p.resolve().is_relative_to(real_root):
+                log.warning("skipping %s: it links outside %s", p, root)
+                continue
+            found.append(p)
+    return sorted(found)
+
+
+def segments(duration: float, length: float | None) -> list[tuple[float | None, float | None]]:
+    """Windows of `length` seconds every length/2 seconds (overlapping by half) covering the video;
+    one window (None, None) = the whole video when `length` is None or the video is not longer."""
+    if length is None or duration <= length:
+        return [(None, None)]
+    stride = length / 2
+    starts = list(np.arange(0.0, max(duration - length, 0.0) + 1e-9, stride))
+    if starts[-1] + length < duration - 1e-6:
+        starts.append(duration - length)
+    return [(round(float(s), 3), round(float(min(s + length, duration)), 3)) for s in starts]
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """A (H, W, 3) uint8 image as PNG (no imaging library needed)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def connect(index_dir: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(index_dir / DB_FILE)
+    db.execute("PRAGMA foreign_keys = ON")
+    db.executescript(SCHEMA)
+    return db
+
+
+def read_info(db: sqlite3.Connection) -> dict[str, str]:
+    return dict(db.execute("SELECT key, value FROM info").fetchall())
+
+
+def _check_same_model(info: dict[str, str], fingerprint: str, width: int, checkpoint: Path, index_dir: Path) -> None:
+    if info and info.get("model_fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{index_dir} was built with the model {info.get('model')} (fingerprint {info.get('model_fingerprint')}, "
+            f"embedding width {info.get('embed_dim')}); {checkpoint} is another model (fingerprint {fingerprint}, "
+            f"width {width}). Index into a new folder (--out), or delete {index_dir} to rebuild it")
+
+
+def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None = None, batch_size: int = 16,
+                approx_above: int = 100_000, thumb_size: int = 96,
+                progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
+    """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint`."""
+    import torch
+
+    from evl.data.annotations import Record
+    from evl.data.video import load_clip, probe_video
+    from evl.errors import VideoDecodeError
+    from evl.models.model import VideoLanguageModel
+    from evl.tasks.evaluate import EvalSettings, embed_clips
+
+    t0 = time.perf_counter()
+    root, checkpoint, out = Path(root), Path(checkpoint), Path(out)
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a folder; pass the folder that holds your videos")
+    if segment is not None and segment <= 0:
+        raise ConfigError(f"--segment {segment}: must be a positive number of seconds")
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"--model {checkpoint}: not an evl checkpoint folder (no config.json)")
+    model = VideoLanguageModel.from_pretrained(checkpoint).eval()
+    fingerprint = model_fingerprint(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    db = connect(out)
+    info = read_info(db)
+    _check_same_model(info, fingerprint, model.cfg.embed_dim, checkpoint, out)
+    if info and info.get("segment") != str(segment):
+        raise ConfigError(f"{out} was built with --segment {info.get('segment')}; this run asks for {segment}. "
+                          "Use the same value, or index into a new folder")
+    from evl.data.text import tokenizer_for, tokenizer_name
+
+    db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
+        ("model", str(checkpoint.resolve())), ("model_fingerprint", fingerprint),
+        ("embed_dim", str(model.cfg.embed_dim)), ("tokenizer", tokenizer_name(tokenizer_for(model.cfg, checkpoint))),
+        ("root", str(root.resolve())), ("segment", str(segment))])
+    db.commit()
+    report = IndexReport()
+    files = {str(p.relative_to(root)): p for p in find_videos(root)}
+    known = {row[0]: row[1:] for row in db.execute("SELECT path, size, mtime, fingerprint, id, error FROM videos")}
+    for rel in sorted(set(known) - set(files)):
+        db.execute("DELETE FROM videos WHERE path = ?", (rel,))
+        report.removed.append(rel)
+    db.commit()
+    todo = []
+    for rel, path in files.items():
+        st = path.stat()
+        old = known.get(rel)
+        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime:
+            report.unchanged += 1
+            continue
+        fp = file_fingerprint(path)
+        if old is not None and old[2] == fp:   # touched but not changed: keep its items
+            db.execute("UPDATE videos SET size = ?, mtime = ? WHERE path = ?", (st.st_size, st.st_mtime, rel))
+            report.unchanged += 1
+            continue
+        todo.append((rel, path, st, fp, old is not None))
+    db.commit()
+    settings = EvalSettings(batch_size=batch_size, device="cpu")
+    for n, (rel, path, st, fp, existed) in enumerate(todo):
+        if progress is not None:
+            progress(n, len(todo), rel)
+        db.execute("DELETE FROM videos WHERE path = ?", (rel,))
+        try:
+            meta = probe_video(path)
+            windows = segments(meta.duration, segment)
+            records = [Record(video=str(path), start=s, end=e, source=rel) for s, e in windows]
+            gallery = embed_clips(model, records, None, settings)
+            if gallery.undecodable:
+                raise VideoDecodeError(path, f"{gallery.undecodable} of {len(records)} clip(s) could not be decoded")
+            thumbs = [png_bytes(_thumbnail(load_clip(path, 1, "uniform", start=s, end=e).frames[0], thumb_size))
+                      for s, e in windows]
+        except VideoDecodeError as e:
+            db.execute("INSERT INTO videos (path, size, mtime, fingerprint, error) VALUES (?, ?, ?, ?, ?)",
+                       (rel, st.st_size, st.st_mtime, fp, e.reason))
+            db.commit()
+            report.failed[rel] = e.reason
+            continue
+        cur = db.execute("INSERT INTO videos (path, size, mtime, fingerprint, duration, fps) VALUES (?, ?, ?, ?, ?, ?)",
+                         (rel, st.st_size, st.st_mtime, fp, meta.duration, meta.fps))
+        emb = gallery.emb.to(torch.float32).numpy()
+        db.executemany("INSERT INTO items (video_id, start, end, thumbnail, embedding) VALUES (?, ?, ?, ?, ?)",
+                       [(cur.lastrowid, s, e, t, emb[i].tobytes()) for i, ((s, e), t) in enumerate(zip(windows, thumbs, strict=True))])
+        db.commit()   # this video is done: an interrupted run does not encode it again
+        (report.updated if existed else report.added).append(rel)
+    report.failed.update({p: e for p, e in db.execute("SELECT path, error FROM videos WHERE error IS NOT NULL")
+                          if p not in report.failed})
+    report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.cfg.embed_dim, approx_above)
+    db.close()
+    report.seconds = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _thumbnail(frame, size: int) -> np.ndarray:
+    """(C, H, W) uint8 → (h, w, 3) with the long side `size`."""
+    import torch.nn.functional as F
+
+    c, h, w = frame.shape
+    scale = size / max(h, w)
+    out = F.interpolate(frame[None].float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                        mode="bilinear", align_corners=False, antialias=True)[0]
+    return out.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def load_embeddings(db: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = db.execute("SELECT id, embedding FROM items ORDER BY id").fetchall()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    emb = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows \
+        else np.zeros((0, dim), np.float32)
+    return ids, emb
+
+
+def make_vector_index(emb: np.ndarray, ids: np.ndarray, approx_above: int, hnsw_m: int = 32):
+    """Exact inner product (`IndexFlatIP`) up to `approx_above` vectors, HNSW above; ids = item ids."""
+    from evl.search import optional
+
+    faiss = optional("faiss")
+    dim = emb.shape[1]
+    if len(ids) > approx_above:
+        base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = 80
+        base.hnsw.efSearch = 128
+    else:
+        base = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIDMap2(base)
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(emb, dtype=np.float32), ids)
+    return index
+
+
+def recall_at_k(approx, exact_emb: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Fraction of the exact top-k found by the approximate index, averaged over `queries`."""
+    scores = queries @ exact_emb.T
+    k = min(k, len(ids))
+    truth = ids[np.argsort(-scores, axis=1)[:, :k]]
+    _, found = approx.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found, strict=True)]))
+
+
+def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above: int) -> tuple[int, str, float | None]:
+    """Rebuild index.faiss from the stored embeddings (atomically); returns (items, kind, recall@10)."""
+    from evl.search import optional
+
+    faiss = optional("faiss")
+    ids, emb = load_embeddings(db, dim)
+    index = make_vector_index(emb, ids, approx_above)
+    kind, recall = ("hnsw", None) if len(ids) > approx_above else ("exact", None)
+    if kind == "hnsw":   # measured on 200 of the stored embeddings used as queries
+        rng = np.random.default_rng(0)
+        sample = emb[rng.choice(len(ids), size=min(200, len(ids)), replace=False)]
+        recall = round(recall_at_k(index, emb, ids, sample), 4)
+    tmp = out / (INDEX_FILE + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / INDEX_FILE)
+    db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [("kind", kind), ("recall_at_10", str(recall))])
+    db.commit()
+    return len(ids), kind, recall
+
+
+def iter_failed(report: IndexReport) -> Iterable[str]:
+    return (f"{p}: {why}" for p, why in sorted(report.failed.items()))
+
+
+__all__ = ["IndexReport", "build_index", "find_videos", "segments", "png_bytes"]

@@ -1,0 +1,228 @@
+"""Index and search a folder of videos: ranking, incremental re-indexing, resume, refusing another model,
+undecodable files, segments, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from evl.cli import app
+from evl.errors import ConfigError
+
+faiss = pytest.importorskip("faiss")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+runner = CliRunner()
+
+
+def _captions(synthvl: Path) -> dict[str, list[str]]:
+    from evl.data.annotations import read_annotations
+
+    out: dict[str, list[str]] = {}
+    for name in ("pretrain.json", "retrieval_val.json", "retrieval_test.json"):
+        for r in read_annotations(synthvl / "annotations" / name):
+            out.setdefault(Path(r.video).name, []).extend(c for c in r.captions if c not in out.get(Path(r.video).name, []))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthvl, tiny_model_dict_factory):
+    """A tiny model trained (VTC + VTM) on the captions of all 12 clips, so that text finds video."""
+    tmp = tmp_path_factory.mktemp("search_model")
+    caps = _captions(synthvl)
+    (tmp / "all.json").write_text(json.dumps([{"video": v, "caption": c} for v, cs in caps.items() for c in cs]))
+    recipe = {"task": "pretrain", "model": tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4),
+              "objectives": {"vtc": 1.0, "vtm": 1.0},
+              "data": {"train": str(tmp / "all.json"), "videos": str(synthvl / "videos")},
+              "train": {"max_steps": 120, "batch_size": 12, "lr": 2e-3, "warmup_steps": 5, "ckpt_every": 0,
+                        "log_every": 40, "out_dir": str(tmp / "run")}}
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["pretrain", str(tmp / "r.yaml"), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    return tmp / "run" / "final", caps
+
+
+@pytest.fixture
+def videos(tmp_path, synthvl):
+    folder = tmp_path / "my videos"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((synthvl / "videos").glob("*.mp4"))):
+        shutil.copy2(p, folder / ("sub" if i % 2 else "") / p.name)
+    return folder
+
+
+def _build(videos: Path, model: Path, out: Path, **kw):
+    from evl.search.index import build_index
+
+    return build_index(videos, model, out, **kw)
+
+
+def test_a_query_naming_what_a_video_shows_ranks_it_first(tmp_path, videos, trained):
+    from evl.search.query import SearchIndex
+
+    model, caps = trained
+    report = _build(videos, model, tmp_path / "idx")
+    assert report.items == 12 and len(report.added) == 12 and report.kind == "exact" and not report.failed
+    index = SearchIndex(tmp_path / "idx")
+    firsts = {name: Path(index.search(cs[0], k=3)[0].path).name for name, cs in caps.items()}
+    right = sum(name == hit for name, hit in firsts.items())
+    assert right >= 10, firsts   # a 120-step tiny model; 12 clips of near-identical scenes
+
+
+def test_search_scores_equal_the_core_retrieval_scores(tmp_path, videos, trained):
+    import torch
+
+    from evl.data.annotations import Record
+    from evl.data.text import tokenizer_for
+    from evl.models.model import VideoLanguageModel
+    from evl.search.query import SearchIndex
+    from evl.tasks.evaluate import EvalSettings, embed_clips, embed_texts
+
+    model_dir, caps = trained
+    _build(videos, model_dir, tmp_path / "idx")
+    hits = SearchIndex(tmp_path / "idx").search("a red circle grows", k=12)
+    model = VideoLanguageModel.from_pretrained(model_dir)
+    files = sorted(videos.rglob("*.mp4"))
+    gallery = embed_clips(model, [Record(video=str(p)) for p in files], None, EvalSettings(device="cpu"))
+    text = embed_texts(model, ["a red circle grows"], tokenizer_for(model.cfg, model_dir), EvalSettings(device="cpu"))
+    sims = (text.emb @ gallery.emb.T)[0]
+    expected = sorted(((float(s), str(p.relative_to(videos))) for s, p in zip(sims, files, strict=True)), reverse=True)
+    assert [h.path for h in hits] == [p for _, p in expected]
+    assert np.allclose([h.score for h in hits], [s for s, _ in expected], atol=1e-5)
+    assert torch.isfinite(sims).all()
+
+
+def test_reindex_after_add_change_delete_updates_index_and_metadata_exactly(tmp_path, videos, trained, synthvl):
+    model, _ = trained
+    out = tmp_path / "idx"
+    files = sorted(videos.rglob("*.mp4"))
+    extra = files[-1]
+    moved = tmp_path / "spare.mp4"
+    shutil.move(extra, moved)
+    first = _build(videos, model, out)
+    assert len(first.added) == 11
+    db = sqlite3.connect(out / "meta.sqlite")
+    before = dict(db.execute("SELECT v.path, i.embedding FROM items i JOIN videos v ON v.id = i.video_id"))
+    shutil.move(moved, videos / "new.mp4")                               # added
+    changed, source, deleted, touched = files[0], files[1], files[2], files[3]
+    shutil.copyfile(source, changed)                                     # changed content
+    os.remove(deleted)                                                    # deleted
+    os.utime(touched, (1e9, 1e9))                                         # mtime only: not re-encoded
+    second = _build(videos, model, out)
+    rel = lambda p: str(p.relative_to(videos))  # noqa: E731
+    assert second.added == ["new.mp4"] and second.updated == [rel(changed)] and second.removed == [rel(deleted)]
+    assert second.unchanged == 9 and second.items == 11
+    after = dict(db.execute("SELECT v.path, i.embedding FROM items i JOIN videos v ON v.id = i.video_id"))
+    assert set(after) == set(before) - {rel(deleted)} | {"new.mp4"}
+    assert after[rel(changed)] == before[rel(source)]                    # re-encoded from the new content
+    assert all(after[p] == before[p] for p in after if p not in (rel(changed), "new.mp4"))
+    assert faiss.read_index(str(out / "index.faiss")).ntotal == 11
+    ids = {r[0] for r in db.execute("SELECT id FROM items")}
+    from evl.search.query import SearchIndex
+
+    assert {h.item for h in SearchIndex(out).search("a shape", k=11)} == ids
+    third = _build(videos, model, out)                                   # nothing changed: nothing encoded
+    assert (third.added, third.updated, third.removed, third.unchanged) == ([], [], [], 11)
+
+
+def test_an_interrupted_run_resumes_without_re_encoding_what_it_finished(tmp_path, videos, trained):
+    model, _ = trained
+    seen = []
+
+    def stop_after_three(done, total, name):
+        seen.append(name)
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _build(videos, model, tmp_path / "idx", progress=stop_after_three)
+    resumed = _build(videos, model, tmp_path / "idx")
+    assert resumed.unchanged == 3 and len(resumed.added) == 9 and resumed.items == 12
+    assert not set(resumed.added) & set(seen[:3])
+
+
+def test_undecodable_files_are_listed_with_the_reason_and_skipped(tmp_path, videos, trained):
+    model, _ = trained
+    (videos / "broken.mp4").write_bytes(b"not a video at all" * 50)
+    (videos / "notes.txt").write_text("ignored: not a video extension")
+    report = _build(videos, model, tmp_path / "idx")
+    assert set(report.failed) == {"broken.mp4"} and report.failed["broken.mp4"]
+    assert report.items == 12
+    again = _build(videos, model, tmp_path / "idx")
+    assert set(again.failed) == {"broken.mp4"} and again.unchanged == 13
+
+
+def test_symlinks_leaving_the_folder_are_not_indexed(tmp_path, videos, trained, synthvl):
+    model, _ = trained
+    outside = tmp_path / "outside.mp4"
+    shutil.copy2(next((synthvl / "videos").glob("*.mp4")), outside)
+    (videos / "escape.mp4").symlink_to(outside)
+    report = _build(videos, model, tmp_path / "idx")
+    assert "escape.mp4" not in report.added and report.items == 12
+
+
+def test_an_index_refuses_another_model(tmp_path, videos, trained, tiny_model_dict_factory):
+    from evl.models.model import build_model
+    from evl.search.query import SearchIndex
+
+    model, _ = trained
+    _build(videos, model, tmp_path / "idx")
+    d = tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4)
+    d["embed_dim"] = 24
+    other = tmp_path / "other"
+    build_model(d).save_pretrained(other)
+    with pytest.raises(ConfigError, match="width 16.*width 24"):
+        SearchIndex(tmp_path / "idx", other)
+    with pytest.raises(ConfigError, match="another model"):
+        _build(videos, other, tmp_path / "idx")
+
+
+def test_segments_of_long_videos():
+    from evl.search.index import segments
+
+    assert segments(10.0, 4.0) == [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0)]
+    assert segments(9.0, 4.0) == [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (5.0, 9.0)]
+    assert segments(3.0, 4.0) == [(None, None)] and segments(30.0, None) == [(None, None)]
+
+
+def test_thumbnails_are_valid_png():
+    from evl.search.index import png_bytes
+
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    data = png_bytes(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (3, 2)
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4:idat])[0]
+    raw = zlib.decompress(data[idat + 4: idat + 4 + length])
+    assert raw == b"".join(b"\x00" + img[y].tobytes() for y in range(2))
+
+
+def test_cli_index_segments_search_and_rerank(tmp_path, videos, trained):
+    model, caps = trained
+    out = tmp_path / "idx"
+    result = runner.invoke(app, ["index", str(videos), "--model", str(model), "--out", str(out), "--segment", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["items"] > 12 and len(report["added"]) == 12
+    result = runner.invoke(app, ["search", str(out), next(iter(caps.values()))[0], "-k", "4", "--rerank", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output.strip().splitlines()[-1])
+    assert len(hits) == 4 and all(0 <= h["score"] <= 1 and h["start"] is not None for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    for args, msg in ((["-k", "0"], "-k 0"), (["--rerank", "-1"], "--rerank -1")):
+        bad = runner.invoke(app, ["search", str(out), "x", *args])
+        assert bad.exit_code == 2 and msg in bad.output
+    assert "query is empty" in runner.invoke(app, ["search", str(out), "  "]).output
+    assert "not an evl index" in runner.invoke(app, ["search", str(tmp_path), "x"]).output
+    assert "not a folder" in runner.invoke(app, ["index", str(tmp_path / "none"), "--model", str(model)]).output
