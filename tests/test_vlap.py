@@ -314,3 +314,39 @@ def test_multiple_choice_scores_each_option_as_the_question(tmp_path, synthvl, b
     assert not (Path(ckpt) / "answers.json").exists()
     video = next((synthvl / "videos").glob("*.mp4"))
     assert "not trained on open-ended QA" in _error(_invoke(["ask", str(video), "what?", "--model", ckpt]))
+
+
+def test_distill_loss_skips_the_teachers_padded_frames():
+    from evl.losses.functional import distill_loss
+
+    s, t = torch.zeros(1, 4, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0], [9.0, 9.0]]])
+    assert distill_loss(s, t, mask=torch.tensor([[1, 1, 0, 0]])).item() == pytest.approx((1 + 1 + 4 + 4) / 4)
+    assert distill_loss(s, t).item() == pytest.approx((2 + 8 + 162 + 162) / 8)
+
+
+def test_a_prompter_model_is_not_trained_from_frames(tiny_model_dict_factory):
+    model = FrameQAModel(_cfg(tiny_model_dict_factory)).train()
+    with pytest.raises(RuntimeError, match="from_features"):
+        model(torch.randn(1, 8, 3, 32, 32), None, torch.randint(0, 100, (1, 4)), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_videos_folder_is_guessed_and_the_teacher_must_share_the_towers(tmp_path, synthvl, teacher, base,
+                                                                         tiny_model_dict_factory):
+    from evl.models.model import build_model
+
+    recipe = _recipe(tmp_path, synthvl, "guess", backbone=str(base), model={"select": "uniform", "num_frames": 2})
+    data = yaml.safe_load(recipe.read_text())
+    del data["data"]["videos"]                       # the annotation's sibling videos/ folder is found
+    recipe.write_text(yaml.safe_dump(data))
+    assert _json(_invoke(["vlap", "train", str(recipe)]))["test"]["count"] > 0
+    torch.manual_seed(1)
+    other = tmp_path / "other_backbone"
+    build_model(tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4)).save_pretrained(other)
+    mixed = _recipe(tmp_path, synthvl, "mixed", backbone=str(other), teacher=str(teacher), distill=0.01,
+                    model={"select": "prompter", "num_frames": 2})
+    assert "other tower weights" in _error(_invoke(["vlap", "train", str(mixed)]))
+    lonely = _recipe(tmp_path, synthvl, "lonely", backbone=str(base), distill=0.01, model={"select": "prompter"})
+    assert "needs teacher=" in _error(_invoke(["vlap", "train", str(lonely)]))
+    assert "init= instead" in _error(_invoke(["vlap", "train", str(_recipe(tmp_path, synthvl, "bb", backbone=str(teacher)))]))
+    wrong_task = _invoke(["vlap", "eval", str(teacher), "--data", str(synthvl / "annotations" / "qa_test.json"), "--task", "mc"])
+    assert "trained for task qa" in _error(wrong_task)

@@ -199,10 +199,11 @@ def vlap_eval(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Accuracy of a frame-QA checkpoint, overall and per question type, reading the frames it selects."""
+    from evl.checkpoint import read_config
     from evl.data.annotations import read_annotations
     from evl.data.text import tokenizer_for
     from evl.models.frame_qa import FrameQAModel
-    from evl.vlap import evaluate_features, extract_features
+    from evl.vlap import check_task, evaluate_features, extract_features, videos_dir
 
     try:
         if task not in ("qa", "mc"):
@@ -210,8 +211,12 @@ def vlap_eval(
         if not data.is_file():
             raise EvlError(f"--data {data}: no such annotation file")
         model = FrameQAModel.from_pretrained(checkpoint)
+        trained_on = read_config(checkpoint).get("metadata", {}).get("task", task)
+        if trained_on != task:
+            raise EvlError(f"{checkpoint} was trained for task {trained_on}; evaluate it with --task {trained_on}")
         records = read_annotations(data)
-        feats = extract_features(model, records, str(videos) if videos else None, None)
+        check_task(records, task, str(data))
+        feats = extract_features(model, records, videos_dir(str(videos) if videos else None, data, records), None)
         metrics = evaluate_features(model, records, feats, tokenizer_for(model.cfg, checkpoint),
                                     FrameQAModel.read_vocab(checkpoint), task)
     except (EvlError, ValueError) as e:

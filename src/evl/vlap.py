@@ -40,7 +40,7 @@ from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dic
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key, record_text
 from evl.errors import ConfigError
 from evl.losses.functional import distill_loss, mc_loss, qa_loss
-from evl.models.frame_prompter import Selection
+from evl.models.frame_prompter import Selection, temperature_at
 from evl.models.frame_qa import FrameQAConfig, FrameQAModel
 from evl.models.qformer import TokenMap
 from evl.recipes import DataConfig
@@ -55,7 +55,7 @@ class VLAPRecipe:
     backbone: str | None = None        # evl checkpoint whose towers the model reads (frozen)
     init: str | None = None            # frame-QA checkpoint to start from (its towers, QFormer, answerer)
     teacher: str | None = None         # frame-QA checkpoint on all N frames: the distillation target
-    distill: float = 0.01              # λ of the QFormer-Distiller (used only with a teacher)
+    distill: float = 0.0               # λ of the QFormer-Distiller (needs a teacher; VLAP: 0.01)
     task: Literal["qa", "mc"] = "qa"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -73,6 +73,9 @@ def load_vlap_recipe(path: str | Path | None, overrides: list[str] | None = None
                           "init= (a frame-QA checkpoint, e.g. the teacher's runs/vlap-teacher-tiny/final)")
     if recipe.distill < 0:
         raise ConfigError(f"distill must be >= 0, got {recipe.distill}")
+    if recipe.distill > 0 and not recipe.teacher:
+        raise ConfigError(f"distill={recipe.distill} needs teacher= (the all-frames model to distil from); "
+                          "set teacher=runs/vlap-teacher-tiny/final or distill=0")
     if recipe.model.select == "localizer" and recipe.task != "qa":
         raise ConfigError("select=localizer learns from pseudo-labels of open-ended QA (task=qa); "
                           f"got task={recipe.task}")
@@ -96,12 +99,24 @@ class FrameFeatures:
     bad: dict[str, str]
 
 
-def _fingerprint(model: FrameQAModel, keys: list[str], n: int) -> str:
+def towers_fingerprint(model: FrameQAModel) -> str:
+    """sha1 of the frozen towers' weights: features, teachers and students must share them."""
     h = hashlib.sha1()
     for name, t in sorted({**model.video.state_dict(prefix="video."), **model.text.state_dict(prefix="text.")}.items()):
         h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    h.update(json.dumps([keys, n, model.cfg.video.image_size]).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_key(model: FrameQAModel, dataset: VideoTextDataset, keys: list[str], backend: str) -> str:
+    """The towers, the clips (their files' size and mtime too), N, the image size and the decoder."""
+    files = []
+    for r in dataset.records:
+        path = dataset.video_path(r)
+        st = path.stat() if path.is_file() else None
+        files.append([str(path.resolve()), st.st_size if st else None, st.st_mtime if st else None])
+    h = hashlib.sha1(towers_fingerprint(model).encode())
+    h.update(json.dumps([keys, files, model.cfg.num_candidates, model.cfg.video.image_size, backend]).encode())
     return h.hexdigest()[:16]
 
 
@@ -109,40 +124,43 @@ def _fingerprint(model: FrameQAModel, keys: list[str], n: int) -> str:
 def extract_features(model: FrameQAModel, records: list, videos: str | None, cache: Path | None,
                      backend: str = "pyav", batch_size: int = 16) -> FrameFeatures:
     """Run the frozen video tower once over the N uniform candidates of every distinct clip."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from evl.checkpoint import atomic_write_json, atomic_write_safetensors
 
     clips = list({clip_key(r): r for r in records}.items())
     keys = [k for k, _ in clips]
     n = model.cfg.num_candidates
-    path = cache / f"{_fingerprint(model, keys, n)}.safetensors" if cache is not None else None
-    if path is not None and path.is_file():
+    settings = ClipSettings(num_frames=n, size=model.cfg.video.image_size, train=False, backend=backend)
+    dataset = VideoTextDataset([r for _, r in clips], videos, settings, "none")
+    path = cache / f"{_cache_key(model, dataset, keys, backend)}.safetensors" if cache is not None else None
+    if path is not None and path.is_file() and path.with_suffix(".json").is_file():
         data = load_file(str(path))
         meta = json.loads(path.with_suffix(".json").read_text())
         log.info("frame features from %s", path)
         return FrameFeatures(data["tokens"], data["patches"], data["frame_mask"].bool(), meta["row"], meta["bad"])
-    settings = ClipSettings(num_frames=n, size=model.cfg.video.image_size, train=False, backend=backend)
-    dataset = VideoTextDataset([r for _, r in clips], videos, settings, "none")
     tokens, patches, masks, row, bad = [], [], [], {}, {}
     model.eval()
+    device = next(model.parameters()).device
     for start in range(0, len(clips), batch_size):
         batch = [(keys[i], dataset[i]) for i in range(start, min(start + batch_size, len(clips)))]
         bad.update({k: "could not be decoded (see the log)" for k, s in batch if s is None})
         batch = [(k, s) for k, s in batch if s is not None]
         if not batch:
             continue
-        frames = torch.stack([s["frames"] for _, s in batch])
-        tokens.append(model.frame_tokens(frames))
-        patches.append(model.patch_embeddings(frames))
+        frames = torch.stack([s["frames"] for _, s in batch]).to(device)
+        tokens.append(model.frame_tokens(frames).cpu())
+        patches.append(model.patch_embeddings(frames).cpu())
         masks.append(torch.stack([s["frame_mask"] for _, s in batch]))
         row.update({k: len(row) + i for i, (k, _) in enumerate(batch)})
     if not row:
         raise ConfigError(f"none of the {len(clips)} clips could be decoded; check data.videos and `evl data check`")
     feats = FrameFeatures(torch.cat(tokens), torch.cat(patches), torch.cat(masks).bool(), row, bad)
-    if path is not None:
+    if path is not None:   # atomic, the index (.json) last: a crash never leaves a half cache behind
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"tokens": feats.tokens.contiguous(), "patches": feats.patches.contiguous(),
-                   "frame_mask": feats.frame_mask.to(torch.uint8)}, str(path))
-        path.with_suffix(".json").write_text(json.dumps({"row": row, "bad": bad}))
+        atomic_write_safetensors(path, {"tokens": feats.tokens.contiguous(), "patches": feats.patches.contiguous(),
+                                        "frame_mask": feats.frame_mask.to(torch.uint8)})
+        atomic_write_json(path.with_suffix(".json"), {"row": row, "bad": bad})
     return feats
 
 
@@ -199,7 +217,7 @@ def pseudo_labels(teacher: FrameQAModel, batch: dict) -> torch.Tensor:
     """(B, N) 1.0 where the teacher answers correctly from that candidate frame alone (SeViLA's labels)."""
     tokens, fm = batch["tokens"], batch["frame_mask"]
     b, n = fm.shape
-    sel = Selection(torch.arange(n).repeat(b)[:, None], fm.reshape(-1, 1))
+    sel = Selection(torch.arange(n, device=fm.device).repeat(b)[:, None], fm.reshape(-1, 1))
     q = teacher.question_features(batch["input_ids"], batch["attention_mask"])
     out = teacher.read(tokens.flatten(0, 1)[:, None], sel, q.repeat_interleave(n, dim=0),
                        batch["attention_mask"].repeat_interleave(n, dim=0))
@@ -236,25 +254,23 @@ class VLAPObjective(nn.Module):
         if self.distiller is not None:
             with torch.no_grad():
                 _, target = answer(self.teacher, batch, self.task)
-            losses["distill"] = distill_loss(self.distiller(out.queries), target.queries)
+            m = self.model.cfg.qformer.num_queries
+            student = out.queries * out.selection.mask.repeat_interleave(m, dim=1)[..., None]   # empty picks: 0
+            real = batch["frame_mask"].repeat_interleave(m, dim=1)                               # teacher's real frames
+            losses["distill"] = distill_loss(self.distiller(student), target.queries, mask=real)
             loss = loss + self.distill * losses["distill"]
         if self.model.localizer is not None:
             labels = pseudo_labels(self.teacher, batch)
-            q = self.model.question_proj(self.model.question_features(batch["input_ids"], batch["attention_mask"]))
+            # its own loss trains the localizer only, not the answerer's question projection
+            q = self.model.question_proj(self.model.question_features(batch["input_ids"], batch["attention_mask"])).detach()
             logits = self.model.localizer(batch["tokens"], q, batch["attention_mask"])
-            fm = batch["frame_mask"].float()
+            fm = batch["frame_mask"].float() * (batch["answer_ids"] >= 0).float()[:, None]   # unknown answers: no label
             losses["localizer"] = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * fm).sum() / fm.sum()
             losses["positive_frames"] = labels.sum() / fm.sum()
             loss = loss + losses["localizer"]
         if self.model.prompter is not None:
-            losses["temperature"] = torch.tensor(_tau(self.model.cfg, progress))
+            losses["temperature"] = torch.tensor(temperature_at(progress, self.model.cfg.tau_start, self.model.cfg.tau_end))
         return {"loss": loss, **{k: v.detach() for k, v in losses.items()}}
-
-
-def _tau(cfg: FrameQAConfig, progress: float) -> float:
-    from evl.models.frame_prompter import temperature_at
-
-    return temperature_at(progress, cfg.tau_start, cfg.tau_end)
 
 
 def _loss(module, batch):
@@ -275,6 +291,7 @@ def build_model(recipe: VLAPRecipe, num_answers: int) -> FrameQAModel:
     """From `init` (a frame-QA checkpoint: everything it has is copied) or `backbone` (an evl checkpoint)."""
     cfg = recipe.model
     cfg.num_answers = num_answers
+    cfg.max_text_len = recipe.data.max_text_len
     if recipe.init:
         start = FrameQAModel.from_pretrained(_checkpoint(recipe.init, "init"))
         cfg.video, cfg.text, cfg.qformer = start.cfg.video, start.cfg.text, start.cfg.qformer
@@ -310,7 +327,8 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
     ctx = init_distributed(recipe.train.device)
     try:
         records = read_annotations(recipe.data.train, recipe.data.format, split=recipe.data.split)
-        _check_task(records, recipe.task, recipe.data.train)
+        check_task(records, recipe.task, recipe.data.train)
+        videos = videos_dir(recipe.data.videos, recipe.data.train, records)
         vocab = None
         if recipe.task == "qa":
             vocab = (FrameQAModel.read_vocab(recipe.init) if recipe.init else None) or \
@@ -320,6 +338,14 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         model = build_model(recipe, len(vocab) if vocab is not None else 0)
         if teacher is not None:
             _check_same_towers(model, teacher, f"teacher={recipe.teacher}")
+            if towers_fingerprint(teacher) != towers_fingerprint(model):
+                raise ConfigError(f"teacher={recipe.teacher} has other tower weights than the model being trained "
+                                  f"({recipe.init or recipe.backbone}): its outputs on this model's features mean nothing. "
+                                  "Use a teacher trained on the same backbone (init=<teacher> does that)")
+            t_vocab = FrameQAModel.read_vocab(recipe.teacher)
+            if vocab is not None and (t_vocab is None or t_vocab.answers != vocab.answers):
+                raise ConfigError(f"teacher={recipe.teacher} answers over another vocabulary than this run's; "
+                                  "start from the teacher (init=<teacher>) so both use its answers.json")
             if teacher.cfg.select != "all":
                 raise ConfigError(f"teacher={recipe.teacher} reads {teacher.cfg.num_frames} selected frames "
                                   f"(select={teacher.cfg.select}); the teacher must read all N (select=all)")
@@ -327,7 +353,7 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         out_dir = Path(recipe.train.out_dir)
         cache = Path(recipe.feature_cache) if recipe.feature_cache else out_dir / "features"
         text = "none" if recipe.task == "mc" else "question"
-        feats = extract_features(model, records, recipe.data.videos, cache, recipe.data.backend)
+        feats = extract_features(model, records, videos, cache, recipe.data.backend)
         dataset = FeatureDataset(records, feats, text, train=True)
         collate = FeatureCollator(tokenizer, recipe.data.max_text_len, answer_vocab=vocab)
         objective = VLAPObjective(model, recipe.task, teacher, recipe.distill)
@@ -339,13 +365,15 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         if not ctx.is_main:
             return summary
         final = out_dir / "final"
-        model.save_pretrained(final, vocab, {"recipe": to_dict(recipe)})
+        model.save_pretrained(final, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
         (final / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
         summary["checkpoint"] = str(final)
         if recipe.data.test:
             test = read_annotations(recipe.data.test, recipe.data.format, split=recipe.data.test_split)
-            _check_task(test, recipe.task, recipe.data.test)
-            test_feats = extract_features(model, test, recipe.data.videos, cache, recipe.data.backend)
+            check_task(test, recipe.task, recipe.data.test)
+            model.cpu()
+            test_feats = extract_features(model, test, videos_dir(recipe.data.videos, recipe.data.test, test), cache,
+                                          recipe.data.backend)
             summary["test"] = evaluate_features(model, test, test_feats, tokenizer, vocab, recipe.task,
                                                 recipe.batch_size_eval, recipe.data.max_text_len)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -354,7 +382,14 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         ctx.close()
 
 
-def _check_task(records: list, task: str, path: str) -> None:
+def videos_dir(videos: str | None, annotation: str | Path, records: list) -> str:
+    """The folder the annotation's video paths are relative to: as given, or guessed beside the file."""
+    from evl.data.check import guess_videos_dir
+
+    return str(videos) if videos is not None else str(guess_videos_dir(annotation, records))
+
+
+def check_task(records: list, task: str, path: str) -> None:
     from evl.tasks.registry import get_task
 
     get_task(task).check_records(records, path)
@@ -366,14 +401,16 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
     """Accuracy (overall and per question type) from pre-extracted features; which frames were picked."""
     from evl.tasks.qa import qa_accuracy
 
+    if task == "qa" and vocab is None:
+        raise ConfigError("open-ended QA evaluation needs the checkpoint's answers.json (the model was not trained "
+                          "on open-ended QA: evaluate it with task mc)")
     model.eval()
     dataset = FeatureDataset(records, feats, "none" if task == "mc" else "question", train=False)
     collate = FeatureCollator(tokenizer, max_text_len)
-    preds, gold, types, right, picks = [], [], [], [], []
+    preds, gold, types, right = [], [], [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         scores, out = answer(model, batch, task)
-        picks.extend(out.selection.index.tolist()[: len(batch["index"])])
         if task == "mc":
             right.extend((scores.argmax(dim=1) == batch["answer_index"]).tolist())
         else:
@@ -403,8 +440,9 @@ class AskResult:
 
 
 def ask(model: FrameQAModel, vocab, tokenizer, video: str | Path, question: str, top: int = 5,
-        backend: str = "pyav") -> AskResult:
-    """Answer `question` about `video`: N candidates sampled over its whole duration, k read."""
+        backend: str = "pyav", start: float | None = None, end: float | None = None) -> AskResult:
+    """Answer `question` about `video` (or its window `start`–`end` seconds): N candidates sampled
+    uniformly over the whole duration, k of them read."""
     from evl.data.transforms import VideoTransform
     from evl.data.video import load_clip
 
@@ -414,9 +452,9 @@ def ask(model: FrameQAModel, vocab, tokenizer, video: str | Path, question: str,
         raise ConfigError("the question is empty; ask e.g. \"what colour is the square?\"")
     t0 = time.perf_counter()
     cfg = model.cfg
-    clip = load_clip(video, cfg.num_candidates, "uniform", backend=backend)
+    clip = load_clip(video, cfg.num_candidates, "uniform", backend=backend, start=start, end=end)
     frames = VideoTransform(size=cfg.video.image_size, train=False)(clip.frames)[None]
-    tok = tokenizer([question], max_length=64)
+    tok = tokenizer([question], max_length=cfg.max_text_len)
     model.eval()
     with torch.no_grad():
         out = model(frames, clip.frame_mask[None], tok.input_ids, tok.attention_mask)

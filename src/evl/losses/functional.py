@@ -337,11 +337,15 @@ def mc_loss(scores: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores, answer_index.long())
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """VLAP's QFormer distillation: MSE between student and (detached, frozen) teacher tokens."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """VLAP's QFormer distillation: MSE between student and (detached, frozen) teacher tokens (B, N, D);
+    `mask` (B, N) keeps only the teacher's real tokens (not those of padded frames)."""
     if student.shape != teacher.shape:
         raise ValueError(
             f"distill_loss: student and teacher must have the same shape, got {tuple(student.shape)} "
             f"and {tuple(teacher.shape)}; map the student tokens to the teacher's count first"
         )
-    return F.mse_loss(student, teacher.detach())
+    if mask is None:
+        return F.mse_loss(student, teacher.detach())
+    w = mask.to(student.dtype)[..., None].expand_as(student)
+    return ((student - teacher.detach()) ** 2 * w).sum() / w.sum().clamp_min(1.0)

@@ -63,6 +63,7 @@ class FrameQAConfig:
     num_answers: int = 0          # open-ended answer classes (set from the answer vocabulary)
     tau_start: float = 1.0        # Gumbel temperature, exponential decay over training
     tau_end: float = 0.01
+    max_text_len: int = 32        # question tokens (as in training)
 
     def __post_init__(self) -> None:
         if self.select not in SELECTORS:
@@ -199,6 +200,9 @@ class FrameQAModel(nn.Module):
                 attention_mask: torch.Tensor, options: bool = False) -> FrameQAOutput:
         """From decoded candidate frames (B, N, C, H, W): only the picked frames run the tower's blocks
         (all N with `all`, and with `localizer`, which scores every frame)."""
+        if self.training and self.cfg.select == "prompter":
+            raise RuntimeError("the Frame-Prompter learns through the straight-through weights over all N "
+                               "candidates' features: train with from_features (evl vlap train), not from frames")
         b, n = frames.shape[:2]
         if frame_mask is None:
             frame_mask = torch.ones(b, n, dtype=torch.bool, device=frames.device)
@@ -236,11 +240,14 @@ class FrameQAModel(nn.Module):
     @classmethod
     def from_backbone(cls, checkpoint: str | Path, cfg: FrameQAConfig) -> FrameQAModel:
         """A new model whose frozen towers are those of an evl checkpoint (`evl pretrain`'s final/)."""
+        from evl.checkpoint import read_config
         from evl.models.model import VideoLanguageModel
 
         if not (Path(checkpoint) / "config.json").is_file():
             raise ConfigError(f"backbone={checkpoint} is not an evl checkpoint folder (no config.json); pass e.g. "
                               "runs/pretrain-tiny/final")
+        if read_config(checkpoint).get("kind") == KIND:
+            raise ConfigError(f"backbone={checkpoint} is a frame-QA checkpoint; start from it with init= instead")
         base = VideoLanguageModel.from_pretrained(checkpoint)
         video = dataclasses.replace(base.cfg.video, fusion_layers=0, context_dim=None)
         text = dataclasses.replace(base.cfg.text, fusion_layers=0, context_dim=None, pretrained=None)
@@ -264,8 +271,10 @@ class FrameQAModel(nn.Module):
 
         data = read_config(directory)
         if data.get("kind") != KIND:
-            raise CheckpointError(f"{directory} holds a {data.get('kind') or 'video-language model'} checkpoint, "
-                                  f"not a frame-QA model (kind {KIND!r}); train one with `evl vlap train`")
+            what = {"frame_qa_training": "a Trainer checkpoint of `evl vlap train` (pass its out_dir/final instead)"
+                    }.get(data.get("kind"), f"a {data.get('kind') or 'video-language model'} checkpoint")
+            raise CheckpointError(f"{directory} holds {what}, not a frame-QA model (kind {KIND!r}); "
+                                  "train one with `evl vlap train`")
         cfg = from_dict(FrameQAConfig, data["model"], where=f"{directory}/config.json")
         cfg.text = dataclasses.replace(cfg.text, pretrained=None)
         model = cls(cfg)

@@ -1,0 +1,134 @@
+"""`evl serve INDEX_DIR`: a small web page and JSON API over an index.
+
+    GET  /                      the page: a search box, a grid of results, a player, a question box
+    GET  /api/info              what the index holds and whether questions can be asked
+    GET  /api/search?q=&k=&rerank=    ranked items (video path, segment times, score)
+    GET  /api/thumbnail/{item}  the item's PNG thumbnail
+    GET  /api/video/{item}      the item's video file (range requests for seeking)
+    POST /api/ask               {"item": id, "question": "..."} → answer, score, alternatives, frames read
+
+Safety: files are served by item id only — the path comes from the index's metadata, resolved under
+the indexed folder and checked to stay inside it — so nothing a request carries reaches the file
+system. Every parameter is validated (types, ranges, lengths) and request bodies are capped. The
+server binds to 127.0.0.1 unless `--host` says otherwise. The JSON API is described at /openapi.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evl.search import optional
+from evl.search.query import MAX_QUERY_CHARS
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_RESULTS = 100
+PAGE = Path(__file__).with_name("page.html")
+
+
+def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> Any:
+    """The FastAPI app over the index at `index_dir`; `ask_model`: a frame-QA checkpoint for questions."""
+    fastapi = optional("fastapi")
+    from fastapi import Body, HTTPException, Query, Request
+    from fastapi import Path as PathParam
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel, Field
+
+    from evl.errors import EvlError
+    from evl.search.query import SearchIndex
+
+    index = SearchIndex(index_dir)
+    asker = _load_asker(ask_model) if ask_model else None
+    app = fastapi.FastAPI(title="evl search", version="1", description="Text search and questions over indexed videos.")
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    class Hit(BaseModel):
+        item: int
+        path: str
+        start: float | None
+        end: float | None
+        score: float
+        dual_score: float
+
+    class AskRequest(BaseModel):
+        item: int = Field(ge=0, le=2**62)
+        question: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+
+    class AskAnswer(BaseModel):
+        answer: str
+        score: float
+        alternatives: list[tuple[str, float]]
+        frames: list[dict[str, Any]]
+        seconds: float
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text()
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return {"items": len(index), "kind": index.info.get("kind"), "segment": index.info.get("segment"),
+                "can_ask": asker is not None}
+
+    @app.get("/api/search", response_model=list[Hit])
+    def search(q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS),
+               k: int = Query(10, ge=1, le=MAX_RESULTS), rerank: int = Query(0, ge=0, le=MAX_RESULTS)) -> list[Hit]:
+        try:
+            return [Hit(**vars(h)) for h in index.search(q, k, rerank)]
+        except EvlError as e:
+            raise HTTPException(400, str(e)) from e
+
+    @app.get("/api/thumbnail/{item}")
+    def thumbnail(item: int = PathParam(ge=0, le=2**62)) -> Response:
+        data = index.thumbnail(item)
+        if data is None:
+            raise HTTPException(404, f"no item {item}")
+        return Response(data, media_type="image/png")
+
+    @app.get("/api/video/{item}")
+    def video(item: int = PathParam(ge=0, le=2**62)) -> FileResponse:
+        path = index.video_path(item)
+        if path is None:
+            raise HTTPException(404, f"no item {item}")
+        return FileResponse(path)
+
+    @app.post("/api/ask", response_model=AskAnswer)
+    def ask(body: AskRequest = Body()) -> AskAnswer:
+        if asker is None:
+            raise HTTPException(409, "this server has no question-answering model; start it with --ask-model CKPT")
+        path = index.video_path(body.item)
+        if path is None:
+            raise HTTPException(404, f"no item {body.item}")
+        start, end = index.db.execute("SELECT start, end FROM items WHERE id = ?", (body.item,)).fetchone()
+        try:
+            result = asker(path, body.question, start, end)
+        except EvlError as e:
+            raise HTTPException(400, str(e)) from e
+        return AskAnswer(**vars(result))
+
+    return app
+
+
+def _load_asker(checkpoint: str | Path):
+    from evl.data.text import tokenizer_for
+    from evl.models.frame_qa import FrameQAModel
+    from evl.vlap import ask
+
+    model = FrameQAModel.from_pretrained(checkpoint)
+    vocab, tokenizer = FrameQAModel.read_vocab(checkpoint), tokenizer_for(model.cfg, checkpoint)
+
+    def run(path: Path, question: str, start: float | None, end: float | None):
+        return ask(model, vocab, tokenizer, path, question, start=start, end=end)
+
+    return run
+
+
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, ask_model: str | Path | None = None) -> None:
+    uvicorn = optional("uvicorn")
+    uvicorn.run(create_app(index_dir, ask_model), host=host, port=port, log_level="warning")
