@@ -338,6 +338,27 @@ def search(
         typer.echo(f"{rank:3d}. {h.score:.3f}  {h.path}{window}")
 
 
+@app.command()
+def serve(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `evl index`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default serves this machine only."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    ask_model: Path | None = typer.Option(None, "--ask-model", help="Frame-QA checkpoint (`evl vlap train`) that answers questions."),
+) -> None:
+    """A web page and JSON API over an index: search, thumbnails, play at the matched time, ask questions."""
+    from evl.search.app import serve as run_server
+
+    try:
+        if not 0 < port < 65536:
+            raise EvlError(f"--port {port}: must be between 1 and 65535")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.secho(f"warning: binding to {host}: anyone who can reach this address can search the index "
+                        "and stream its videos", fg=typer.colors.YELLOW, err=True)
+        run_server(index_dir, host, port, ask_model)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (model.safetensors + config.json)."),
