@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from evl.cli import app
@@ -22,33 +21,6 @@ from evl.errors import ConfigError
 faiss = pytest.importorskip("faiss")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
-
-
-def _captions(synthvl: Path) -> dict[str, list[str]]:
-    from evl.data.annotations import read_annotations
-
-    out: dict[str, list[str]] = {}
-    for name in ("pretrain.json", "retrieval_val.json", "retrieval_test.json"):
-        for r in read_annotations(synthvl / "annotations" / name):
-            out.setdefault(Path(r.video).name, []).extend(c for c in r.captions if c not in out.get(Path(r.video).name, []))
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthvl, tiny_model_dict_factory):
-    """A tiny model trained (VTC + VTM) on the captions of all 12 clips, so that text finds video."""
-    tmp = tmp_path_factory.mktemp("search_model")
-    caps = _captions(synthvl)
-    (tmp / "all.json").write_text(json.dumps([{"video": v, "caption": c} for v, cs in caps.items() for c in cs]))
-    recipe = {"task": "pretrain", "model": tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4),
-              "objectives": {"vtc": 1.0, "vtm": 1.0},
-              "data": {"train": str(tmp / "all.json"), "videos": str(synthvl / "videos")},
-              "train": {"max_steps": 120, "batch_size": 12, "lr": 2e-3, "warmup_steps": 5, "ckpt_every": 0,
-                        "log_every": 40, "out_dir": str(tmp / "run")}}
-    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = runner.invoke(app, ["pretrain", str(tmp / "r.yaml"), "--no-eval"])
-    assert result.exit_code == 0, result.output
-    return tmp / "run" / "final", caps
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ system. Every parameter is validated (types, ranges, lengths) and request bodies
 server binds to 127.0.0.1 unless `--host` says otherwise. The JSON API is described at /openapi.json.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
