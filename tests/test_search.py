@@ -198,3 +198,20 @@ def test_cli_index_segments_search_and_rerank(tmp_path, videos, trained):
     assert "query is empty" in runner.invoke(app, ["search", str(out), "  "]).output
     assert "not an evl index" in runner.invoke(app, ["search", str(tmp_path), "x"]).output
     assert "not a folder" in runner.invoke(app, ["index", str(tmp_path / "none"), "--model", str(model)]).output
+
+
+def test_the_approximate_index_finds_what_exact_search_finds():
+    from evl.search.index import make_vector_index, recall_at_k
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 32))
+    emb = centres[rng.integers(50, size=5000)] + 0.3 * rng.normal(size=(5000, 32))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(100, 5100, dtype=np.int64)
+    exact, approx = make_vector_index(emb, ids, approx_above=10_000), make_vector_index(emb, ids, approx_above=1000)
+    assert "IVF" in type(approx).__name__ and approx.ntotal == exact.ntotal == 5000
+    queries = emb[:100] + 0.05 * rng.normal(size=(100, 32)).astype(np.float32)
+    assert recall_at_k(exact, emb, ids, queries) == 1.0
+    assert recall_at_k(approx, emb, ids, queries) >= 0.9
+    _, found = approx.search(queries[:1], 5)
+    assert set(found[0]) <= set(ids.tolist())      # results are item ids, not row numbers

@@ -265,7 +265,7 @@ def index_videos(
     out: Path | None = typer.Option(None, "--out", help="Index folder (default: VIDEO_DIR/.evl-index)."),
     segment: float | None = typer.Option(None, "--segment", help="Index overlapping segments of this many seconds."),
     batch_size: int = typer.Option(16, "--batch-size", help="Clips per forward pass."),
-    approx_above: int = typer.Option(100_000, "--approx-above", help="Use an approximate (HNSW) index above this many items."),
+    approx_above: int = typer.Option(100_000, "--approx-above", help="Use an approximate (IVF) index above this many items."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Index (or update the index of) a folder of videos: only new or changed files are encoded."""

@@ -104,7 +104,7 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
         path = index.video_path(body.item)
         if path is None:
             raise HTTPException(404, f"no item {body.item}")
-        start, end = index.db.execute("SELECT start, end FROM items WHERE id = ?", (body.item,)).fetchone()
+        start, end = index.window(body.item)
         try:
             result = asker(path, body.question, start, end)
         except EvlError as e:

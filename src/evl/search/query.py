@@ -10,6 +10,7 @@ refused with both named.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,9 @@ class SearchIndex:
         if not (self.dir / DB_FILE).is_file() or not (self.dir / INDEX_FILE).is_file():
             raise ConfigError(f"{self.dir} is not an evl index (no {DB_FILE} / {INDEX_FILE}); build one with "
                               "`evl index VIDEO_DIR --model CHECKPOINT --out INDEX_DIR`")
+        # one connection shared by the server's worker threads, used under a lock
         self.db = sqlite3.connect(self.dir / DB_FILE, check_same_thread=False)
+        self._lock = threading.Lock()
         self.info = read_info(self.db)
         model_dir = Path(model_dir or self.info["model"])
         if not (model_dir / "config.json").is_file():
@@ -83,10 +86,19 @@ class SearchIndex:
                 hits = self._rerank(text, hits[:rerank]) + hits[rerank:]
         return hits[:k]
 
+    def _row(self, sql: str, item: int) -> tuple | None:
+        with self._lock:
+            return self.db.execute(sql, (item,)).fetchone()
+
     def _hit(self, item: int, score: float) -> Hit:
-        row = self.db.execute("SELECT v.path, i.start, i.end FROM items i JOIN videos v ON v.id = i.video_id "
-                              "WHERE i.id = ?", (item,)).fetchone()
-        return Hit(item, row[0], row[1], row[2], score, score)
+        path, start, end = self._row("SELECT v.path, i.start, i.end FROM items i JOIN videos v ON v.id = i.video_id "
+                                     "WHERE i.id = ?", item)
+        return Hit(item, path, start, end, score, score)
+
+    def window(self, item: int) -> tuple[float | None, float | None]:
+        """(start, end) seconds of a segment item; (None, None) for a whole video."""
+        row = self._row("SELECT start, end FROM items WHERE id = ?", item)
+        return (row[0], row[1]) if row else (None, None)
 
     def _rerank(self, text, hits: list[Hit]) -> list[Hit]:
         from evl.data.annotations import Record
@@ -107,13 +119,12 @@ class SearchIndex:
         return sorted(reranked, key=lambda h: -h.score)
 
     def thumbnail(self, item: int) -> bytes | None:
-        row = self.db.execute("SELECT thumbnail FROM items WHERE id = ?", (item,)).fetchone()
+        row = self._row("SELECT thumbnail FROM items WHERE id = ?", item)
         return row[0] if row else None
 
     def video_path(self, item: int) -> Path | None:
         """The file of an indexed item: only paths stored at indexing time, resolved under the root."""
-        row = self.db.execute("SELECT v.path FROM items i JOIN videos v ON v.id = i.video_id WHERE i.id = ?",
-                              (item,)).fetchone()
+        row = self._row("SELECT v.path FROM items i JOIN videos v ON v.id = i.video_id WHERE i.id = ?", item)
         if row is None:
             return None
         path = (self.root / row[0]).resolve()
