@@ -63,12 +63,18 @@ def train_rows(args, data: Path, backbone: str) -> list[dict]:
 
     rows = []
     for seed in args.seeds:
-        teacher = train_vlap(load_vlap_recipe("vlap-teacher-tiny", [f"backbone={backbone}", *_common(
-            data, args.work, f"s{seed}-teacher", args.teacher_steps, seed)]))
+        done = args.work / f"s{seed}-teacher" / "summary.json"
+        if args.reuse_teacher and done.is_file():
+            teacher = json.loads(done.read_text())
+        else:
+            teacher = train_vlap(load_vlap_recipe("vlap-teacher-tiny", [f"backbone={backbone}", *_common(
+                data, args.work, f"s{seed}-teacher", args.teacher_steps, seed)]))
         rows.append(_row("all frames", 16, seed, teacher))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_type"}), flush=True)
         for k in args.ks:
             for name, extra in VARIANTS.items():
+                if args.methods and name not in args.methods:
+                    continue
                 tag = name.replace(", ", "-").replace(" ", "-")
                 summary = train_vlap(load_vlap_recipe("vlap-tiny", [
                     f"init={teacher['checkpoint']}", f"teacher={teacher['checkpoint']}", f"model.num_frames={k}",
@@ -180,6 +186,8 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true", help="train and evaluate only")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="rows from earlier runs' JSON files")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(VARIANTS), help="train only these students")
+    ap.add_argument("--reuse-teacher", action="store_true", help="use work/s<seed>-teacher when it is there")
     args = ap.parse_args()
     import torch
 
@@ -202,8 +210,10 @@ def main() -> None:
                 f"data.videos={data / 'videos'}", f"train.out_dir={args.work / 'backbone'}",
                 f"train.max_steps={args.pretrain_steps}", "train.ckpt_every=0", "train.overwrite=true"]),
                 evaluate=False)["checkpoint"]
-        if args.merge:
-            rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        if args.merge:   # a later file's row replaces an earlier one of the same method, k and seed
+            merged = {(r["method"], r["k"], r["seed"]): r for path in args.merge for r in json.loads(path.read_text())["rows"]}
+            rows = sorted(merged.values(), key=lambda r: (r["seed"], r["k"] != 16, r["k"], list(VARIANTS).index(r["method"])
+                                                          if r["method"] in VARIANTS else -1))
         else:
             rows = train_rows(args, data, backbone)
         latency = None if args.skip_latency else measure_latency(rows, data, args.repeats, 32)
