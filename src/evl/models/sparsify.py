@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evl.models.frame_prompter import topk_pick
 from evl.models.video import VideoBlock, VideoTokens
 
 
@@ -187,7 +188,7 @@ class TextGuidedFrameSelector(nn.Module):
             return tokens
         scores = self.scores(tokens, text)
         soft = torch.softmax(scores, dim=-1)
-        idx = scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values                 # (B, keep)
+        idx = topk_pick(scores, None, self.keep).index                                  # (B, keep), in order
         hard = torch.zeros_like(soft).scatter(1, idx, 1.0)
         gate = (hard + (soft - soft.detach())).gather(1, idx)                            # exactly 1, with gradient
         b, _, d = tokens.x.shape
