@@ -45,9 +45,9 @@ def test_a_query_naming_what_a_video_shows_ranks_it_first(tmp_path, videos, trai
     report = _build(videos, model, tmp_path / "idx")
     assert report.items == 12 and len(report.added) == 12 and report.kind == "exact" and not report.failed
     index = SearchIndex(tmp_path / "idx")
-    firsts = {name: Path(index.search(cs[0], k=3)[0].path).name for name, cs in caps.items()}
-    right = sum(name == hit for name, hit in firsts.items())
-    assert right >= 10, firsts   # a 120-step tiny model; 12 clips of near-identical scenes
+    ranks = {name: [Path(h.path).name for h in index.search(cs[0], k=12)].index(name) for name, cs in caps.items()}
+    assert sum(r == 0 for r in ranks.values()) >= 9, ranks   # a 200-step tiny model; 12 near-identical scenes
+    assert sum(ranks.values()) / len(ranks) < 1.0, ranks     # chance: a mean rank of 5.5
 
 
 def test_search_scores_equal_the_core_retrieval_scores(tmp_path, videos, trained):
@@ -198,6 +198,10 @@ def test_cli_index_segments_search_and_rerank(tmp_path, videos, trained):
     assert "query is empty" in runner.invoke(app, ["search", str(out), "  "]).output
     assert "not an evl index" in runner.invoke(app, ["search", str(tmp_path), "x"]).output
     assert "not a folder" in runner.invoke(app, ["index", str(tmp_path / "none"), "--model", str(model)]).output
+    assert "--approx-above -1" in runner.invoke(app, ["index", str(videos), "--model", str(model), "--approx-above", "-1"]).output
+    small = json.loads(runner.invoke(app, ["index", str(videos), "--model", str(model), "--out", str(tmp_path / "i0"),
+                                           "--approx-above", "0", "--json"]).output.strip().splitlines()[-1])
+    assert small["kind"] == "exact" and small["items"] == 12   # too few vectors for an IVF: exact
 
 
 def test_the_approximate_index_finds_what_exact_search_finds():

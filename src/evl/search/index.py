@@ -164,6 +164,8 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         raise ConfigError(f"{root} is not a folder; pass the folder that holds your videos")
     if segment is not None and segment <= 0:
         raise ConfigError(f"--segment {segment}: must be a positive number of seconds")
+    if approx_above < 0:
+        raise ConfigError(f"--approx-above {approx_above}: must be >= 0 (items above it get an approximate index)")
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"--model {checkpoint}: not an evl checkpoint folder (no config.json)")
     model = VideoLanguageModel.from_pretrained(checkpoint).eval()
@@ -267,7 +269,7 @@ def make_vector_index(emb: np.ndarray, ids: np.ndarray, approx_above: int, nprob
     faiss = optional("faiss")
     n, dim = emb.shape
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if n > approx_above:
+    if n > approx_above and n >= 1024:   # fewer vectors cannot train the lists: exact is cheap there anyway
         nlist = int(min(max(2 * np.sqrt(n), 16), n // 64))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = 10
@@ -299,7 +301,7 @@ def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above
     faiss = optional("faiss")
     ids, emb = load_embeddings(db, dim)
     index = make_vector_index(emb, ids, approx_above)
-    kind, recall = ("ivf", None) if len(ids) > approx_above else ("exact", None)
+    kind, recall = ("ivf", None) if "IVF" in type(index).__name__ else ("exact", None)
     if kind == "ivf":   # measured on 200 of the stored embeddings used as queries
         rng = np.random.default_rng(0)
         sample = emb[rng.choice(len(ids), size=min(200, len(ids)), replace=False)]
