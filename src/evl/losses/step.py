@@ -116,23 +116,12 @@ def _clip_positives(step: StepCache) -> torch.Tensor:
     return clip[:, None] == clip[None, :]
 
 
-def _tag_positives(step: StepCache) -> torch.Tensor:
-    """(W·B, W·B) bool: pairs sharing a verb and a noun (EgoNCE); all False when the data has no tags."""
-    from evl.losses.functional import egonce_positive_mask
-
-    b = step.batch["frames"].shape[0]
-    verbs = [v for part in all_gather_object(step.batch.get("verbs") or [[]] * b) for v in part]
-    nouns = [n for part in all_gather_object(step.batch.get("nouns") or [[]] * b) for n in part]
-    return egonce_positive_mask(verbs, nouns).to(step.batch["frames"].device)
-
-
 FEATURES: dict[str, Feature] = {
     "video": _video,
     "text": _text,
     "masked_text": _masked_text,
     "logit_scale": _logit_scale,
     "clip_positives": _clip_positives,
-    "tag_positives": _tag_positives,
 }
 
 

@@ -30,9 +30,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from evl.distributed import all_gather_object
 from evl.losses.functional import (
     build_vtm_pairs,
     egonce_loss,
+    egonce_positive_mask,
     mc_loss,
     mlm_loss,
     qa_loss,
@@ -94,10 +96,32 @@ class VTCTerm(LossTerm):
 
 
 class EgoNCETerm(LossTerm):
-    """EgoNCE (EgoVLP/EgoVLPv2): pairs sharing a verb and a noun count as positives too."""
+    """EgoNCE (EgoVLP/EgoVLPv2): pairs whose verb and noun tags match count as positives too.
+
+    `match`: "all" (default: equal verb sets and equal noun sets) or "any" (EgoVLP's rule: at least one
+    shared verb and one shared noun); see `egonce_positive_mask` for why the default differs. The
+    step feature `tag_positives` is this term's, so VTM excludes exactly these pairs from its negatives.
+    """
 
     name = "egonce"
     positives = ("clip_positives", "tag_positives")
+
+    def __init__(self, ctx: TermContext, match: str = "all"):
+        super().__init__(ctx)
+        if match not in ("any", "all"):
+            raise ValueError(f"match must be 'any' or 'all', got {match!r}")
+        self.match = match
+
+    def features(self) -> dict[str, Feature]:
+        return {"tag_positives": self._tag_positives}
+
+    def _tag_positives(self, step: StepCache) -> torch.Tensor:
+        """(W·B, W·B) bool over the global batch (tags gathered from every rank); all False off the
+        diagonal when the data has no tags."""
+        b = step.batch["frames"].shape[0]
+        verbs = [v for part in all_gather_object(step.batch.get("verbs") or [[]] * b) for v in part]
+        nouns = [n for part in all_gather_object(step.batch.get("nouns") or [[]] * b) for n in part]
+        return egonce_positive_mask(verbs, nouns, self.match).to(step.batch["frames"].device)
 
     def forward(self, step: StepCache) -> torch.Tensor:
         return egonce_loss(step["video"].emb, step["text"].emb, step["logit_scale"],
@@ -111,10 +135,20 @@ class VTMTerm(LossTerm):
     Negatives exclude what any enabled contrastive term counts as a positive (the same clip always;
     pairs sharing a verb and a noun only when EgoNCE is on): otherwise such pairs are exactly the hard
     negatives VTM should see.
+
+    `easy_warmup`: for this fraction of training the negatives are drawn uniformly (easy) instead of
+    from softmax(similarity) — a curriculum: the matching head first learns to tell unrelated pairs
+    apart, then the dual encoder's confusions.
     """
 
     name = "vtm"
     needs_fusion = True
+
+    def __init__(self, ctx: TermContext, easy_warmup: float = 0.0):
+        super().__init__(ctx)
+        if isinstance(easy_warmup, bool) or not isinstance(easy_warmup, (int, float)) or not 0.0 <= easy_warmup <= 1.0:
+            raise ValueError(f"objectives.vtm.easy_warmup must be a fraction of training in [0, 1], got {easy_warmup!r}")
+        self.easy_warmup = float(easy_warmup)
 
     def forward(self, step: StepCache) -> torch.Tensor:
         video, text = step["video"], step["text"]
@@ -123,6 +157,8 @@ class VTMTerm(LossTerm):
             excluded = excluded | step[feature]
         with torch.no_grad():
             sim = similarity_logits(video.emb.detach(), text.emb.detach(), step["logit_scale"].detach())
+            if step.progress < self.easy_warmup:
+                sim = torch.zeros_like(sim)   # uniform over the allowed negatives
         b = sim.shape[0]
         negatives = sample_hard_negatives(sim, positive_mask=local_block(excluded, b))
         vidx, tidx, labels = build_vtm_pairs(b, negatives)
@@ -139,9 +175,10 @@ class MaskTokens:
     resumed with another `train.grad_accum` or number of ranks masks exactly as before. A class (not
     a closure) so DataLoader workers started with "spawn" can pickle it."""
 
-    def __init__(self, tokenizer, prob: float):
+    def __init__(self, tokenizer, prob: float, unmaskable: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
         self.prob = prob
+        self.unmaskable = unmaskable
 
     def __call__(self, batch: dict) -> dict:
         from evl.data.text import mask_tokens
@@ -151,36 +188,47 @@ class MaskTokens:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         seeds = batch.get("sample_seeds")
         if seeds is None:
-            masked = mask_tokens(ids, mask, self.tokenizer, prob=self.prob)
+            masked = mask_tokens(ids, mask, self.tokenizer, prob=self.prob, unmaskable=self.unmaskable)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked.input_ids, masked.labels
             return batch
         out, labels = ids.clone(), torch.full_like(ids, -100)
         for i, n in enumerate(mask.sum(1).tolist()):
             g = torch.Generator().manual_seed(int(seeds[i]))
-            row = mask_tokens(ids[i:i + 1, :n], mask[i:i + 1, :n], self.tokenizer, prob=self.prob, generator=g)
+            row = mask_tokens(ids[i:i + 1, :n], mask[i:i + 1, :n], self.tokenizer, prob=self.prob, generator=g,
+                              unmaskable=self.unmaskable)
             out[i, :n], labels[i, :n] = row.input_ids[0], row.labels[0]
         batch["mlm_input_ids"], batch["mlm_labels"] = out, labels
         return batch
 
 
 class MLMTerm(LossTerm):
-    """Masked language modelling on the fusion path: the masked caption attends to the video."""
+    """Masked language modelling on the fusion path: the masked caption attends to the video.
+
+    `skip_function_words`: never mask English function words (`evl.data.text.FUNCTION_WORDS`), so the
+    targets are the content words — colours, objects, actions — that the text alone cannot tell and the
+    fusion has to read from the video; `mask_prob` then applies to the content words only.
+    """
 
     name = "mlm"
     needs_fusion = True
 
-    def __init__(self, ctx: TermContext, mask_prob: float = 0.15):
+    def __init__(self, ctx: TermContext, mask_prob: float = 0.15, skip_function_words: bool = False):
         super().__init__(ctx)
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {mask_prob}")
-
+        if not isinstance(skip_function_words, bool):
+            raise ValueError(f"objectives.mlm.skip_function_words must be true or false, got {skip_function_words!r}")
         self.mask_prob = mask_prob
+        self.skip_function_words = skip_function_words
 
     def batch_transforms(self) -> list[BatchTransform]:
         if self.ctx.tokenizer is None:
             raise ValueError("MLM masks captions with the text tower's tokenizer; build the objective with "
                              "TrainObjective.from_spec(model, objectives, tokenizer)")
-        return [MaskTokens(self.ctx.tokenizer, self.mask_prob)]
+        from evl.data.text import function_word_ids
+
+        skip = function_word_ids(self.ctx.tokenizer) if self.skip_function_words else frozenset()
+        return [MaskTokens(self.ctx.tokenizer, self.mask_prob, skip)]
 
     def forward(self, step: StepCache) -> torch.Tensor:
         labels = step.need("mlm_labels", f"loss term {self.name!r}")
