@@ -151,7 +151,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer
         )
     device = input_ids.device
     ids = input_ids.cpu()
-    special = torch.tensor(sorted(tokenizer.special_ids | unmaskable), dtype=ids.dtype)
+    special = torch.tensor(sorted(set(tokenizer.special_ids) | set(unmaskable)), dtype=ids.dtype)
     maskable = attention_mask.cpu().bool() & ~torch.isin(ids, special)
 
     chosen = _choose_positions(maskable, prob, generator)
