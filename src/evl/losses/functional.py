@@ -131,7 +131,8 @@ def vtc_loss(
 def egonce_positive_mask(verbs: Sequence[Sequence], nouns: Sequence[Sequence], match: str = "any") -> torch.Tensor:
     """(B, B) bool: which pairs of clips count as positives, from their verb and noun tags.
 
-    ``match="any"`` (EgoVLP/EgoVLPv2's rule): i and j share at least one verb AND at least one noun.
+    ``match="any"`` (EgoVLP/EgoVLPv2's rule, this function's default): i and j share at least one verb
+    AND at least one noun (the `egonce` loss term defaults to "all").
     ``match="all"``: i and j have the same set of verbs AND the same set of nouns. The two agree on
     single-action captions (EgoClip narrations: one verb, one or two nouns); on captions that describe
     several events "any" makes unrelated clips positives — measured on SynthVL (1–3 events per clip),

@@ -147,7 +147,7 @@ class VTMTerm(LossTerm):
     def __init__(self, ctx: TermContext, easy_warmup: float = 0.0):
         super().__init__(ctx)
         if isinstance(easy_warmup, bool) or not isinstance(easy_warmup, (int, float)) or not 0.0 <= easy_warmup <= 1.0:
-            raise ValueError(f"objectives.vtm.easy_warmup must be a fraction of training in [0, 1], got {easy_warmup!r}")
+            raise ValueError(f"easy_warmup must be a fraction of training in [0, 1], got {easy_warmup!r}")
         self.easy_warmup = float(easy_warmup)
 
     def forward(self, step: StepCache) -> torch.Tensor:
@@ -217,7 +217,7 @@ class MLMTerm(LossTerm):
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {mask_prob}")
         if not isinstance(skip_function_words, bool):
-            raise ValueError(f"objectives.mlm.skip_function_words must be true or false, got {skip_function_words!r}")
+            raise ValueError(f"skip_function_words must be true or false, got {skip_function_words!r}")
         self.mask_prob = mask_prob
         self.skip_function_words = skip_function_words
 
