@@ -48,6 +48,12 @@ avx512_fp16 amx_tile amx_int8 arch_capabilities
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_precision_from_env(monkeypatch):
+    """These tests check what auto resolves to; the suite may run under EVL_PRECISION (tests that set it say so)."""
+    monkeypatch.delenv(P.ENV_VAR, raising=False)
+
+
 def _fake_cpu(monkeypatch, flags_bf16, capability="AVX2"):
     """Replace cpu_info() (cached, reads the real machine) with a fixed answer."""
     info = {"model": "fake", "vendor": "fake", "capability": capability,
@@ -212,3 +218,71 @@ def test_measure_matmul_gflops_fp32_is_positive_and_finite():
     gflops = P.measure_matmul_gflops(torch.float32, n=64, repeats=3)
     assert gflops > 0
     assert math.isfinite(gflops)
+
+
+# --- auto from injected /proc/cpuinfo text (the whole path: text → flags → verdict → precision) ----
+
+@pytest.fixture
+def cpuinfo_text(monkeypatch):
+    """Inject a /proc/cpuinfo text (None = unreadable) and clear the cached cpu_info()."""
+    def inject(text):
+        monkeypatch.setattr(P, "_cpuinfo_text", lambda: text)
+        P.cpu_info.cache_clear()
+
+    yield inject
+    P.cpu_info.cache_clear()
+
+
+def test_auto_is_bf16_on_an_amx_cpu(cpuinfo_text):
+    cpuinfo_text(INTEL_SAPPHIRE_RAPIDS_CPUINFO)
+    p = P.resolve_precision("auto", "cpu")
+    assert (p.name, p.autocast_dtype) == ("bf16", torch.bfloat16)
+    assert "amx_bf16" in p.reason
+
+
+def test_auto_is_fp32_on_an_avx2_cpu(cpuinfo_text, monkeypatch):
+    cpuinfo_text(AMD_EPYC_AVX2_CPUINFO)
+    monkeypatch.setattr(P, "_probe_bf16_ratio", lambda: pytest.fail("readable flags must decide, not a probe"))
+    p = P.resolve_precision("auto", "cpu")
+    assert (p.name, p.autocast_dtype) == ("fp32", None)
+    assert "emulated" in p.reason
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.02, "fp32"), (1.9, "bf16")])
+def test_auto_with_unreadable_cpuinfo_asks_the_probe(cpuinfo_text, monkeypatch, ratio, expected):
+    cpuinfo_text(None)
+    monkeypatch.setattr(P, "_probe_bf16_ratio", lambda: ratio)
+    assert P.resolve_precision("auto", "cpu").name == expected
+
+
+# --- EVL_PRECISION: what auto means for the whole process (the suite's precision switch) -----------
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_env_decides_what_auto_means(monkeypatch, forced, native):
+    monkeypatch.setattr(P, "cpu_runs_bf16_natively", lambda probe=True: (native, "because"))
+    monkeypatch.setenv(P.ENV_VAR, forced)
+    p = P.resolve_precision("auto", "cpu")
+    assert p.name == forced
+    assert p.autocast_dtype == (torch.bfloat16 if forced == "bf16" else None)
+    assert f"{P.ENV_VAR}={forced}" in p.reason
+
+
+@pytest.mark.parametrize("value", ["", "auto"])
+def test_env_unset_or_auto_leaves_auto_to_the_hardware(monkeypatch, value):
+    monkeypatch.setattr(P, "cpu_runs_bf16_natively", lambda probe=True: (True, "because"))
+    monkeypatch.setenv(P.ENV_VAR, value)
+    assert P.resolve_precision("auto", "cpu").name == "bf16"
+
+
+@pytest.mark.parametrize("requested", ["fp32", "bf16"])
+def test_env_never_overrides_an_explicit_precision(monkeypatch, requested):
+    monkeypatch.setattr(P, "cpu_runs_bf16_natively", lambda probe=True: (True, "because"))
+    monkeypatch.setenv(P.ENV_VAR, "bf16" if requested == "fp32" else "fp32")
+    assert P.resolve_precision(requested, "cpu").name == requested
+
+
+def test_bad_env_value_is_a_config_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(P.ENV_VAR, "half")
+    with pytest.raises(ConfigError, match="EVL_PRECISION='half'"):
+        P.resolve_precision("auto", "cpu")

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import needs
 from evl.cli import app
 from evl.errors import ConfigError
 
-faiss = pytest.importorskip("faiss")
+faiss = needs.module("faiss", "pip install faiss-cpu (in the serve extra)")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 

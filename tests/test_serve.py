@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import needs
 from evl.cli import app
 
-pytest.importorskip("faiss")
-pytest.importorskip("fastapi")
+needs.module("faiss", "pip install faiss-cpu (in the serve extra)")
+needs.module("fastapi", "pip install -e '.[serve]'")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 SECRET = "evl-secret-outside-the-index"
@@ -153,13 +154,10 @@ def test_the_server_binds_to_loopback_unless_told(served, monkeypatch):
 
 
 def _browser():
-    """Headless Chromium through Selenium, or a skip that says how to get them."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (in the dev extra)")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("headless Chromium is not installed: apt-get install chromium chromium-driver "
-                    "(.ci/run installs them, so CI always runs this test)")
+    """Headless Chromium through Selenium; outside CI a skip that says how to get them, in CI a failure."""
+    webdriver = needs.module("selenium.webdriver", "pip install selenium (in the dev extra)")
+    chromium = needs.program("chromium", "chromium-browser", install="apt-get install chromium (.ci/run does)")
+    driver = needs.program("chromedriver", install="apt-get install chromium-driver (.ci/run does)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import needs
 from evl.errors import CheckpointError, ConfigError
 from evl.models.video import (
     VideoEncoder,
@@ -247,7 +248,7 @@ def test_grad_checkpointing_same_outputs_and_grads(attention):
 
 
 def tiny_videomae(use_mean_pooling: bool):
-    transformers = pytest.importorskip("transformers")
+    transformers = needs.module("transformers", "pip install transformers (in the dev extra)")
     hc = transformers.VideoMAEConfig(image_size=32, patch_size=8, tubelet_size=2, num_frames=4, hidden_size=48,
                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
                                      use_mean_pooling=use_mean_pooling)

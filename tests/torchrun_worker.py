@@ -1,12 +1,13 @@
 """Worker for tests/test_torchrun.py: trains a toy regression model under torchrun.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/torchrun_worker.py \
-           OUT_DIR STRATEGY GRAD_ACCUM [STOP_AFTER] [resume]
+           OUT_DIR STRATEGY GRAD_ACCUM [--stop-after N] [--resume] [--precision fp32|bf16]
 The same toy model/dataset/config is imported by the test for the single-process reference run.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -50,10 +51,11 @@ def toy_loss(model: nn.Module, batch: dict) -> dict:
     return {"loss": (err**2).mean(), "mae": err.abs().mean()}
 
 
-def toy_config(out_dir: str, strategy: str = "ddp", grad_accum: int = 1) -> TrainConfig:
+def toy_config(out_dir: str, strategy: str = "ddp", grad_accum: int = 1, precision: str = "fp32") -> TrainConfig:
+    """Precision is explicit (never auto): the fp32 tests compare losses to 1e-5, which bf16 cannot meet."""
     return TrainConfig(max_steps=8, batch_size=8, grad_accum=grad_accum, lr=3e-2, warmup_steps=2,
                        weight_decay=0.01, lr_mults={"head": 2.0}, ckpt_every=4, log_every=1,
-                       out_dir=out_dir, seed=7, strategy=strategy)
+                       out_dir=out_dir, seed=7, strategy=strategy, precision=precision)
 
 
 def make_model() -> ToyModel:
@@ -73,13 +75,19 @@ class StopAfter(Callback):
 
 
 def main(argv: list[str]) -> None:
-    out_dir, strategy, accum = argv[0], argv[1], int(argv[2])
-    stop = int(argv[3]) if len(argv) > 3 and argv[3] != "0" else 0
-    resume = len(argv) > 4 and argv[4] == "resume"
-    callbacks = [StopAfter(stop)] if stop else []
-    trainer = Trainer(make_model(), toy_loss, ToyData(), toy_config(out_dir, strategy, accum), callbacks=callbacks)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("strategy", choices=["ddp", "fsdp"])
+    parser.add_argument("grad_accum", type=int)
+    parser.add_argument("--stop-after", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args(argv)
+    callbacks = [StopAfter(args.stop_after)] if args.stop_after else []
+    cfg = toy_config(args.out_dir, args.strategy, args.grad_accum, args.precision)
+    trainer = Trainer(make_model(), toy_loss, ToyData(), cfg, callbacks=callbacks)
     try:
-        trainer.fit(resume=resume)
+        trainer.fit(resume=args.resume)
     except KeyboardInterrupt:
         return
 

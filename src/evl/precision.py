@@ -5,6 +5,11 @@ with AVX2 only (e.g. AMD EPYC before Zen 4) bf16 is emulated and runs ~100-150x 
 0.9 vs 130 GFLOP/s). So `train.precision: auto` picks bf16 only where it is native: a CUDA GPU with
 bf16, or a CPU whose flags show AMX-BF16 / AVX512-BF16; when the flags cannot be read (not Linux) a
 short timing probe decides. fp16 is never chosen: it is unusable on CPU.
+
+`EVL_PRECISION=fp32|bf16` in the environment decides what `auto` resolves to, for every run of the
+process and its children (torchrun workers inherit it): it is how the test suite is run under a chosen
+precision (`EVL_PRECISION=bf16 make test`) and how a user forces one precision on all recipes without
+editing them. An explicit `train.precision: fp32` / `bf16` in a config is never overridden.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from evl.errors import ConfigError
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENV_VAR = "EVL_PRECISION"
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,27 @@ def cpu_runs_bf16_natively(probe: bool = True) -> tuple[bool, str]:
     return ratio >= 0.5, f"timing probe: bf16 matmul at {ratio:.2f}x fp32 speed"
 
 
+def precision_from_env() -> str | None:
+    """The precision `EVL_PRECISION` asks `auto` to take ("fp32" | "bf16"), or None when unset/"auto"."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("fp32", "bf16"):
+        raise ConfigError(f"environment variable {ENV_VAR}={value!r} is not one of ['auto', 'fp32', 'bf16']; "
+                          f"unset it or set it to fp32 or bf16")
+    return value
+
+
 def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     """The training precision for `requested` ("auto", "fp32", "bf16") on `device`."""
     if requested not in PRECISIONS:
         raise ConfigError(f"train.precision: {requested!r} is not one of {list(PRECISIONS)} "
                           "(auto = bf16 only where the hardware runs it natively)")
     device = torch.device(device)
+    forced = precision_from_env() if requested == "auto" else None
+    if forced:   # the environment decides what auto means; explicit requests in a config are kept
+        chosen = resolve_precision(forced, device)
+        return Precision(chosen.name, chosen.autocast_dtype, f"auto: {ENV_VAR}={forced} in the environment; {chosen.reason}")
     if requested == "fp32":
         return Precision("fp32", None, "requested")
     if device.type == "cuda":
