@@ -11,8 +11,11 @@ The measurements behind README "EgoVLPv2", on SynthVL's test split (one caption 
   and the VTM head of the checkpoint on streamed training batches, and report the held-out separation
   every 25 steps: how fast matching can be learnt once the towers are trained.
 
-Usage: python benchmarks/fusion_diagnose.py {separation,mlm-video,vtm-probe} CKPT --data SYNTHVL_DIR [...]
-Prints JSON lines.
+Usage: python benchmarks/fusion_diagnose.py {separation,mlm-video,vtm-probe} CKPT --data SYNTHVL_DIR
+       [--label NAME] [--json benchmarks/results/fusion_diagnose.json]
+Prints JSON lines and merges the result into the JSON file under "results" → LABEL → WHAT (vtm-probe:
+WHAT = "vtm-probe <negatives>"), with the run's metadata (command, commit, CPU, precision, date, load)
+beside it; other labels' and diagnostics' entries are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "fusion_diagnose.json"
 
 COLOURS = {"red", "green", "blue", "yellow", "cyan", "purple", "orange", "white", "pink", "magenta", "gray",
            "grey", "black", "brown"}
@@ -99,7 +106,7 @@ def mlm_video(model, tok, batch: dict) -> dict:
     return {k: {"accuracy": round(100 * a / b, 1), "count": b} for k, (a, b) in sorted(counts.items())}
 
 
-def vtm_probe(model, tok, data: Path, negatives: str, steps: int, lr: float, batch_size: int = 32) -> None:
+def vtm_probe(model, tok, data: Path, negatives: str, steps: int, lr: float, batch_size: int = 32) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -113,10 +120,12 @@ def vtm_probe(model, tok, data: Path, negatives: str, steps: int, lr: float, bat
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     collate = Collator(tok, 32)
+    curve = []
     for step in range(steps + 1):
         if step % 25 == 0:
             probe.eval()
-            print(json.dumps({"step": step, "negatives": negatives, **separation(probe, test)}), flush=True)
+            curve.append({"step": step, "negatives": negatives, **separation(probe, test)})
+            print(json.dumps(curve[-1]), flush=True)
             probe.train()
         if step == steps:
             break
@@ -137,6 +146,7 @@ def vtm_probe(model, tok, data: Path, negatives: str, steps: int, lr: float, bat
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return curve
 
 
 def main() -> None:
@@ -147,17 +157,38 @@ def main() -> None:
     ap.add_argument("--negatives", choices=["easy", "hard"], default="easy")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--label", default=None, help="the checkpoint's name in the JSON (default: its path)")
+    ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args()
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from _meta import finish_meta, run_meta
+
+    # separation draws its random clips from a generator seeded 0, vtm-probe its batches too
+    meta = run_meta(seeds=[0], precision="fp32")   # diagnostics run without autocast
+    torch.manual_seed(0)
     model, tok = _load(args.checkpoint)
     if args.what == "vtm-probe":
-        vtm_probe(model, tok, args.data, args.negatives, args.steps, args.lr)
-        return
-    batch, _ = _batch(model, tok, args.data, "retrieval_test.json")
-    if args.what == "separation":
-        gates = {n: round(float(p.detach()), 4) for n, p in model.named_parameters() if n.endswith(".gate")}
-        print(json.dumps({**separation(model, batch), "gates": gates}))
+        key = f"vtm-probe {args.negatives}"
+        result: object = {"lr": args.lr, "steps": args.steps,
+                          "curve": vtm_probe(model, tok, args.data, args.negatives, args.steps, args.lr)}
     else:
-        print(json.dumps(mlm_video(model, tok, batch)))
+        key = args.what
+        batch, _ = _batch(model, tok, args.data, "retrieval_test.json")
+        if args.what == "separation":
+            gates = {n: round(float(p.detach()), 4) for n, p in model.named_parameters() if n.endswith(".gate")}
+            result = {**separation(model, batch), "gates": gates}
+        else:
+            result = mlm_video(model, tok, batch)
+        print(json.dumps(result))
+    store = json.loads(args.json.read_text()) if args.json.is_file() else {"results": {}}
+    label = args.label or str(args.checkpoint)
+    store["results"].setdefault(label, {})[key] = {"meta": finish_meta(meta), "checkpoint": str(args.checkpoint),
+                                                   "data": str(args.data), "result": result}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(store, indent=2))
+    print(f"wrote {args.json} ({label} / {key})")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def bench(size: str, device: torch.device, batch: int, warmup: int, repeats: int
                 tokens=tokens, layers=shape["num_hidden_layers"], hidden=shape["hidden_size"],
                 evl_clips_per_s=batch / evl_s, hf_clips_per_s=batch / hf_s, ratio_evl_over_hf=hf_s / evl_s,
                 evl_median_s=evl_s, hf_median_s=hf_s, evl_min_s=min(evl_t), hf_min_s=min(hf_t),
-                max_abs_diff=diff, repeats=repeats)
+                max_abs_diff=diff, repeats=repeats, evl_times_s=[round(t, 5) for t in evl_t],
+                hf_times_s=[round(t, 5) for t in hf_t],
+                ratio_per_repeat=[round(h / e, 3) for e, h in zip(evl_t, hf_t, strict=True)])
 
 
 def main() -> None:
@@ -88,6 +90,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peer_videomae.json")
     args = ap.parse_args()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _meta import finish_meta, run_meta
+
+    run = run_meta(seeds=[0], precision="fp32 on CPU, bf16 on CUDA")   # weights from torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -109,7 +117,7 @@ def main() -> None:
         meta["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    args.out.write_text(json.dumps(dict(meta={**finish_meta(run), **meta}, results=rows), indent=2))
     print(f"wrote {args.out}")
 
 

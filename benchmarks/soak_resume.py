@@ -3,8 +3,10 @@
 Run A trains uninterrupted. Run B is launched with `--resume` again and again; each launch is killed
 with SIGKILL after a random delay (seeded), until `--kills` kills have landed or the run finishes;
 then it is resumed to the end. Reported: whether B's final weights and every logged loss equal A's
-bit for bit, how many kills landed inside a checkpoint write (a `.tmp-*` file or folder was left
-behind), and the time lost to the kills.
+bit for bit, the step each kill landed at and whether it landed during training (the launch had logged
+a new step, or was inside a checkpoint write) or during start-up (interpreter, imports, set-up, resume,
+or a first step not yet logged), how many kills landed inside a checkpoint write (a `.tmp-*` file or
+folder was left behind), and the time lost to the kills.
 
 Usage: python benchmarks/soak_resume.py [--kills 20] [--steps 40] [--seed 0] [--work DIR]
 Prints a table and writes benchmarks/results/soak_resume.json.
@@ -82,10 +84,12 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
     recipe_b = _recipe(work / "b.yaml", data, out_b, steps)
     rng = random.Random(seed)
     landed, inside, finished_early, launches = 0, 0, False, 0
+    kill_log: list[dict] = []
     t0 = time.perf_counter()
     while landed < kills:
         launches += 1
         before = set(_leftovers(out_b))   # a stale temporary stays until the next checkpoint write clears it
+        step_before = max((r["step"] for r in _metrics(out_b)), default=0)
         proc = _launch(recipe_b, resume=True)
         delay = rng.uniform(0.1, 0.45) * t_a   # a launch starts (a few s), then trains
         try:
@@ -97,8 +101,15 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
             left = sorted(set(_leftovers(out_b)) - before)
             inside += bool(left)
             step = max((r["step"] for r in _metrics(out_b)), default=0)
-            print(f"kill {landed:2d} after {delay:5.1f} s: logged up to step {step}"
-                  + (f", left {left[:3]} behind" if left else ""), flush=True)
+            # where the kill landed: "training" when this launch logged at least one new step or was
+            # inside a checkpoint write; otherwise "start-up" (interpreter, imports, model and data set-up,
+            # resume, or the first step of the launch before it was logged: a conservative count)
+            phase = "training" if step > step_before or left else "start-up"
+            kill_log.append({"kill": landed, "delay_s": round(delay, 2), "step_before_launch": step_before,
+                             "step_at_kill": step, "steps_this_launch": step - step_before, "phase": phase,
+                             "inside_checkpoint_write": bool(left)})
+            print(f"kill {landed:2d} after {delay:5.1f} s: logged up to step {step} ({phase}, "
+                  f"{step - step_before} new steps)" + (f", left {left[:3]} behind" if left else ""), flush=True)
             continue
         err = proc.communicate()[1]
         if proc.returncode != 0:
@@ -118,6 +129,10 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
     wa, wb = (load_file(o / "final" / "model.safetensors") for o in (out_a, out_b))
     same_weights = wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
     return {"steps": steps, "kills": landed, "launches": launches, "kills_inside_checkpoint_write": inside,
+            "kills_during_training": sum(k["phase"] == "training" for k in kill_log),
+            "kills_during_startup": sum(k["phase"] == "start-up" for k in kill_log),
+            "distinct_steps_killed_at": sorted({k["step_at_kill"] for k in kill_log if k["phase"] == "training"}),
+            "kill_log": kill_log,
             "finished_before_all_kills": finished_early, "same_logged_steps": same_steps,
             "same_losses": same_losses, "same_final_weights": same_weights,
             "uninterrupted_s": round(t_a, 1), "killed_and_resumed_s": round(t_b, 1),
@@ -134,6 +149,10 @@ def main() -> None:
     args = ap.parse_args()
     from evl.precision import cpu_info
 
+    sys.path.insert(0, str(HERE))
+    from _meta import finish_meta, run_meta
+
+    meta = run_meta(seeds=[args.seed], precision="fp32")   # --seed draws the kill delays; training seed 0, fp32
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
         result = soak(args.kills, args.steps, args.seed, args.work)
@@ -142,8 +161,10 @@ def main() -> None:
             result = soak(args.kills, args.steps, args.seed, Path(tmp))
     info = cpu_info()
     result["cpu"] = info
+    result["meta"] = finish_meta(meta)
     print()
-    for key in ("steps", "kills", "launches", "kills_inside_checkpoint_write", "same_logged_steps", "same_losses",
+    for key in ("steps", "kills", "launches", "kills_during_training", "kills_during_startup",
+                "kills_inside_checkpoint_write", "distinct_steps_killed_at", "same_logged_steps", "same_losses",
                 "same_final_weights", "uninterrupted_s", "killed_and_resumed_s"):
         print(f"{key:32s} {result[key]}")
     print(f"CPU: {info['model']} ({info['capability']})")

@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _meta import finish_meta, run_meta
+
+    meta = run_meta(seeds=[args.seed], precision="n/a (no model)")
     cfg = SynthConfig(frames=args.frames, size=args.size)
 
     rows = [time_generation(args.clips, args.seed, cfg)]
@@ -61,7 +67,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['stage']:28s} {r['workers']:7d} {r['seconds']:8.2f} {r['clips_per_s']:8.1f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "synth", "clips": args.clips, "frames": args.frames, "size": args.size,
+    result = {"meta": finish_meta(meta), "benchmark": "synth", "clips": args.clips, "frames": args.frames, "size": args.size,
               "cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": list(os.getloadavg()),
               "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

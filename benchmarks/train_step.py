@@ -112,6 +112,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    from _meta import finish_meta, run_meta
+
+    meta = run_meta(seeds=[0])   # torch.manual_seed(0) for every model; data: SynthVL seed 0
     objectives = {name: 1.0 for name in args.objectives.split(",") if name}
     native_bf16, why = cpu_runs_bf16_natively()
     # the peak is the best of three medians: on a shared machine a single measurement can land in a
@@ -140,7 +143,7 @@ def main() -> None:
               f"{s['data']:6.3f} {s['forward']:6.3f} {s['backward']:6.3f} {s['optimizer']:6.3f} "
               f"{r['gflop_per_step']:7.1f} {r['achieved_gflops']:8.1f} {pct:6.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpu": info, "bf16_native": native_bf16, "bf16_reason": why,
+    args.json.write_text(json.dumps({"meta": finish_meta(meta), "cpu": info, "bf16_native": native_bf16, "bf16_reason": why,
                                      "matmul_peak_gflops": peak, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 

@@ -163,11 +163,30 @@ def print_table(rows: list[dict], latency: dict | None) -> None:
 
 
 def _write(args, rows, latency, complete: bool = False, baselines: dict | None = None) -> None:
+    """Write the JSON. Every latency pass is kept: when the previous JSON timed the same checkpoints, its
+    passes stay in `latency_passes` beside this one, and `latency_median` is the median over all of them
+    (MEASURING.md: report every pass or the median of all, never the better one)."""
+    import statistics
+
     from evl.precision import cpu_info
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "work")}
+    sys.path.insert(0, str(HERE))
+    from _meta import finish_meta, run_meta
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "work", "_meta")}
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    same = sorted(r.get("checkpoint", "") for r in previous.get("rows", [])) == sorted(r.get("checkpoint", "") for r in rows)
+    passes = list(previous.get("latency_passes", [])) if same else []
+    if latency:
+        passes.append({"meta": finish_meta(getattr(args, "_meta", None) or run_meta(seeds=args.seeds)),
+                       "latency": latency})
+    median = None
+    if passes:
+        median = {key: {m: round(statistics.median(p["latency"][key][m] for p in passes if key in p["latency"]), 3)
+                        for m in passes[-1]["latency"][key]} for key in passes[-1]["latency"]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"cpu": cpu_info(), "settings": settings, "rows": rows, "latency": latency,
+                                     "latency_passes": passes, "latency_median": median,
                                      "baselines": baselines, "complete": complete}, indent=2, default=str))
 
 
@@ -191,6 +210,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    sys.path.insert(0, str(HERE))
+    from _meta import run_meta
+
+    args._meta = run_meta(seeds=args.seeds)
     if args.threads:
         torch.set_num_threads(args.threads)
     from evl.data.synthetic import write_synthvl
