@@ -69,6 +69,10 @@ def main() -> None:
         summary[key] = {f"speedup_{b}_median": round(statistics.median(v), 2) for b, v in vals.items()}
         summary[key].update({f"speedup_{b}_range": [round(min(v), 2), round(max(v), 2)] for b, v in vals.items()})
         summary[key]["passes"] = len(vals["b1"])
+        for m in ("ms_per_question_b1", "ms_per_question_b32"):
+            ms = [p["latency"][key][m] for p in passes if key in p["latency"]]
+            summary[key][f"{m}_median"] = round(statistics.median(ms), 2)
+            summary[key][f"{m}_range"] = [round(min(ms), 2), round(max(ms), 2)]
     first, last = vs[0], vs[-1]
 
     def sevila(d: dict) -> dict:
