@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,6 +92,28 @@ def test_bad_values_name_the_key():
         load_recipe("tiny")
 
 
+@pytest.mark.parametrize("value", [0, -4])
+def test_num_frames_zero_or_negative_is_refused_not_taken_as_the_default(value):
+    """data.num_frames=0 used to read as "the model's default" and train; only leaving it out means that."""
+    with pytest.raises(ConfigError, match=rf"data\.num_frames={value}: must be a positive number of frames"):
+        load_recipe("pretrain-tiny", [f"data.num_frames={value}"])
+    assert load_recipe("pretrain-tiny").data.num_frames is None
+    assert load_recipe("pretrain-tiny", ["data.num_frames=4"]).data.num_frames == 4
+    with pytest.raises(ConfigError, match=r"data\.max_text_len=0"):
+        load_recipe("pretrain-tiny", ["data.max_text_len=0"])
+
+
+def test_cli_pretrain_refuses_num_frames_zero_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from evl.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "pretrain-tiny", "data.num_frames=0",
+                                      f"train.out_dir={tmp_path / 'run'}"])
+    assert result.exit_code != 0 and "data.num_frames=0" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_recipe_needs_training_data():
     with pytest.raises(ConfigError, match="data.train is empty"):
         run_recipe(load_recipe(None))
@@ -155,6 +178,55 @@ def test_run_recipe_qa_end_to_end(synthvl, tmp_path, monkeypatch, recipe_model):
     assert summary["test"]["count"] == 12 and "baseline" in summary["test"]
     loaded = VideoLanguageModel.from_pretrained(final)
     assert loaded.qa_head is not None and loaded.cfg.num_answers > 0
+
+
+def test_final_is_written_whole_or_not_at_all(synthvl, tmp_path, monkeypatch, recipe_model):
+    """A failure while final/ is written (disk full on its third file, a kill) leaves no final/ with some
+    of its files: it used to be written in place, so a QA model without answers.json could be left."""
+    import evl.recipes as R
+
+    monkeypatch.setenv("CI", "true")
+    real = R.shutil.copyfile
+
+    def copyfile(src, dst, *a, **k):
+        if Path(dst).name == "tokenizer.json" and "step_" not in str(dst):
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(R.shutil, "copyfile", copyfile)
+    cfg = load_recipe(None, tiny_recipe(synthvl, tmp_path, "qa", "qa_train.json", "qa_test.json", 1, recipe_model))
+    with pytest.raises(OSError, match="No space left"):
+        run_recipe(cfg)
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(R.shutil, "copyfile", real)
+    cfg = load_recipe(None, tiny_recipe(synthvl, tmp_path, "qa", "qa_train.json", "qa_test.json", 1, recipe_model)
+                      + ["train.overwrite=true"])
+    run_recipe(cfg, evaluate=False)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "answers.json"} <= {p.name for p in (run / "final").iterdir()}
+
+
+def test_a_step_checkpoint_has_its_tokenizer_before_latest_points_at_it(synthvl, tmp_path, monkeypatch, recipe_model):
+    """latest.json is what --resume and evaluation read: the folder it names must already be whole."""
+    import evl.train.state as S
+
+    monkeypatch.setenv("CI", "true")
+    real = S.atomic_write_json
+    pointed: list[str] = []
+
+    def write_json(path, obj):
+        if Path(path).name == S.LATEST:
+            folder = Path(path).parent / obj["dir"]
+            assert (folder / "tokenizer.json").is_file(), f"latest.json would point at {folder} without its tokenizer"
+            pointed.append(obj["dir"])
+        return real(path, obj)
+
+    monkeypatch.setattr(S, "atomic_write_json", write_json)
+    cfg = load_recipe(None, tiny_recipe(synthvl, tmp_path, "pretrain", "pretrain.json", "retrieval_test.json", 2,
+                                        recipe_model) + ["train.ckpt_every=1"])
+    run_recipe(cfg, evaluate=False)
+    assert pointed == ["step_00000001", "step_00000002"]
 
 
 @pytest.mark.parametrize("task,train,test", [("retrieval", "retrieval_train.json", "retrieval_test.json"),

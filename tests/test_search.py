@@ -134,6 +134,31 @@ def test_undecodable_files_are_listed_with_the_reason_and_skipped(tmp_path, vide
     assert set(again.failed) == {"broken.mp4"} and again.unchanged == 13
 
 
+def test_a_file_that_probes_but_does_not_decode_is_listed_and_the_rest_indexed(tmp_path, videos, trained, monkeypatch):
+    """A file that opens and probes fine but of which no clip decodes (the seek path could not find its
+    frames, say) is one failed file with its reason, never the end of the run: it used to stop the run
+    with "no video of the set could be decoded; run evl data check on the annotation", nothing indexed."""
+    import evl.data.datasets as D
+    import evl.data.video as V
+    from evl.errors import VideoDecodeError
+
+    model, _ = trained
+    shutil.copy(videos / "sub" / sorted(os.listdir(videos / "sub"))[0], videos / "odd.mp4")
+    real = D.load_clip
+
+    def load_clip(path, *a, **k):
+        if Path(path).name == "odd.mp4":
+            raise VideoDecodeError(path, "frames [84] are listed in the container but could not be decoded")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(D, "load_clip", load_clip)
+    monkeypatch.setattr(V, "load_clip", load_clip)
+    report = _build(videos, model, tmp_path / "idx")
+    assert set(report.failed) == {"odd.mp4"}
+    assert "could not be decoded" in report.failed["odd.mp4"] and "annotation" not in report.failed["odd.mp4"]
+    assert report.items == 12 and len(report.added) == 12
+
+
 def test_symlinks_leaving_the_folder_are_not_indexed(tmp_path, videos, trained, synthvl):
     model, _ = trained
     outside = tmp_path / "outside.mp4"

@@ -88,7 +88,7 @@ def single_process_bf16(tmp_path_factory) -> Path:
 
 def test_bf16_run_really_differs_from_fp32(single_process, single_process_bf16):
     """Guards the tests below: if bf16 were silently ignored they would compare fp32 with fp32."""
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(_losses(single_process_bf16), _losses(single_process))]
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(_losses(single_process_bf16), _losses(single_process), strict=True)]
     assert max(diffs) > 1e-5
     state = single_process_bf16 / "checkpoints" / "step_00000008" / "trainer_state.json"
     assert json.loads(state.read_text())["precision"] == "bf16"

@@ -532,3 +532,52 @@ def test_seek_path_decodes_few_frames(videos, monkeypatch):
     counted.clear()
     load_clip(videos["long"], indices=want, seek="sequential")
     assert len(counted) == 300
+
+
+def test_frames_a_seek_cannot_find_are_decoded_from_the_start(tmp_path, monkeypatch):
+    """Some containers (a real MPEG-4 AVI with B-frames) give the frames decoded after a seek other
+    timestamps than the packet table lists. The frames exist — decoding in sequence finds them — so a
+    seek that misses them must fall back to decoding forward, not report the file as corrupt."""
+    import contextlib
+
+    import evl.data.video as V
+
+    path = write_raw(tmp_path / "v.avi", [index_frame(i) for i in range(40)], "mpeg4")
+    wanted = [2, 17, 30, 37]   # none a keyframe (every 4th frame is)
+    expected = decoded_indices(load_clip(path, indices=wanted, seek="sequential"))
+    assert expected == wanted
+
+    real_open, real_frames = V._pyav_open, V._frames
+    seeked: set[int] = set()
+
+    class Recording:
+        """The container, remembering that it was seeked."""
+
+        def __init__(self, container):
+            self._c = container
+
+        def seek(self, *a, **k):
+            seeked.add(id(self))
+            return self._c.seek(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+    @contextlib.contextmanager
+    def opening(p):
+        with real_open(p) as (container, stream):
+            yield Recording(container), stream
+
+    def frames_shifted_after_seek(container, stream):
+        for frame in real_frames(container._c, stream):
+            if id(container) in seeked and frame.pts is not None and not frame.key_frame:
+                frame.pts += 10_000    # the seek lands on its keyframe; the frames after it carry other pts
+            yield frame
+
+    monkeypatch.setattr(V, "_pyav_open", opening)
+    monkeypatch.setattr(V, "_frames", frames_shifted_after_seek)
+    for mode in ("auto", "seek"):
+        seeked.clear()
+        clip = load_clip(path, indices=wanted, seek=mode)
+        assert seeked, "the test must exercise a seek"
+        assert decoded_indices(clip) == expected

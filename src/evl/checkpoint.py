@@ -218,6 +218,26 @@ def save_model(directory: str | Path, model: nn.Module, config: dict[str, Any] |
     return directory
 
 
+@contextmanager
+def staged_dir(final_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final_dir`; when the block ends without an error, fsync its
+    files and rename it onto `final_dir` (:func:`commit_dir`). A run killed while writing `final/` leaves
+    the previous `final/` (or none), never a folder with some of its files; on an error the temp folder
+    is removed."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, final_dir)
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The `config.json` saved beside a model's weights."""
     path = Path(directory)

@@ -22,5 +22,9 @@ class VideoDecodeError(EvlError):
         super().__init__(f"cannot decode video {self.path}: {reason}")
 
 
+class NoDecodableClips(EvlError, ValueError):
+    """None of the clips asked for could be decoded (each was skipped with a logged reason)."""
+
+
 class CheckpointError(EvlError):
     """A checkpoint is missing, malformed, or does not match the model (lists the keys)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.data.annotations import read_annotations
 from evl.data.check import preflight_videos
@@ -43,6 +44,14 @@ class DataConfig:
     num_frames: int | None = None      # default: the model's video.num_frames
     max_text_len: int = 32
     backend: Literal["pyav", "decord"] = "pyav"
+
+    def __post_init__(self) -> None:
+        # 0 must not read as "the model's default": None (the key left out) says that
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames={self.num_frames}: must be a positive number of frames (a multiple "
+                              "of the model's video.tubelet_size); leave it out to use the model's video.num_frames")
+        if self.max_text_len < 1:
+            raise ConfigError(f"data.max_text_len={self.max_text_len}: must be a positive number of tokens")
 
 
 @dataclass
@@ -143,7 +152,7 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
         if not 3 <= length <= positions:
             raise ConfigError(f"{key}={length}: texts are cut to this many tokens, which must be in [3, {positions}] "
                               f"(the text tower has {positions} positions); lower {key}")
-    num_frames = cfg.data.num_frames or model.cfg.video.num_frames
+    num_frames = cfg.data.num_frames if cfg.data.num_frames is not None else model.cfg.video.num_frames
     if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
                           f"video.tubelet_size={model.cfg.video.tubelet_size}")
@@ -178,10 +187,11 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
         model = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
     final = out_dir / "final"
-    model.save_pretrained(final)
-    shutil.copyfile(tokenizer.source / "tokenizer.json", final / "tokenizer.json")
-    if vocab is not None:
-        (final / ANSWERS_FILE).write_text(vocab.to_json())
+    with staged_dir(final) as staged:   # final/ appears whole or not at all
+        model.save_pretrained(staged)
+        shutil.copyfile(tokenizer.source / "tokenizer.json", staged / "tokenizer.json")
+        if vocab is not None:
+            (staged / ANSWERS_FILE).write_text(vocab.to_json())
     summary["checkpoint"] = str(final)
     if evaluate and cfg.data.test:
         summary["test"] = evaluate_checkpoint_model(model, cfg.task, cfg.data.test, cfg.data.videos, tokenizer,
@@ -193,13 +203,14 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
 
 
 class _CopyTokenizer(Callback):
-    """Put tokenizer.json into every checkpoint, so any step_* evaluates with the run's tokenizer."""
+    """Put tokenizer.json into every checkpoint before it is committed (so before latest.json points at
+    it): any step_* evaluates with the run's tokenizer, even one a kill left as the latest."""
 
     def __init__(self, folder: Path):
         self.file = Path(folder) / "tokenizer.json"
 
-    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
-        shutil.copyfile(self.file, Path(path) / "tokenizer.json")
+    def on_checkpoint_staged(self, trainer: Trainer, staged: Path) -> None:
+        shutil.copyfile(self.file, staged / "tokenizer.json")
 
 
 def _model_differences(recipe: ModelConfig, checkpoint: ModelConfig) -> list[str]:

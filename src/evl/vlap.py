@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key, record_text
 from evl.errors import ConfigError
@@ -365,8 +366,9 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         if not ctx.is_main:
             return summary
         final = out_dir / "final"
-        model.save_pretrained(final, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
-        (final / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
+        with staged_dir(final) as staged:   # final/ appears whole or not at all
+            model.save_pretrained(staged, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
+            (staged / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
         summary["checkpoint"] = str(final)
         if recipe.data.test:
             test = read_annotations(recipe.data.test, recipe.data.format, split=recipe.data.test_split)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from evl.errors import ConfigError
 from evl.models.masking import normalize_targets, patchify
@@ -164,7 +165,8 @@ def train_tokenizer(recipe: VQRecipe, resume: bool = False) -> dict[str, Any]:
         summary["usage"] = codebook_usage(tokenizer, _eval_view(data, clip), collate, recipe.usage_clips,
                                           recipe.train.batch_size)
         final = Path(recipe.train.out_dir) / "final"
-        tokenizer.save_pretrained(final, {**summary, "recipe": to_dict(recipe)})
+        with staged_dir(final) as staged:   # final/ appears whole or not at all
+            tokenizer.save_pretrained(staged, {**summary, "recipe": to_dict(recipe)})
         summary["checkpoint"] = str(final)
         (Path(recipe.train.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

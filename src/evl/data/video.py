@@ -500,7 +500,8 @@ def _plan_runs(wanted: list[int], keyframes: list[int], mode: SeekMode) -> list[
 
 
 class _SeekMissed(Exception):
-    """The demuxer did not land on a clean keyframe at or before the wanted frame (e.g. MPEG-TS)."""
+    """A seek did not reach the wanted frames: the demuxer landed elsewhere than a clean keyframe at or
+    before them (e.g. MPEG-TS), or the frames decoded after it do not carry the listed timestamps."""
 
 
 def _decode_pyav(path: str, table: _PacketTable, wanted: list[int], mode: SeekMode) -> dict[int, np.ndarray]:
@@ -518,7 +519,7 @@ def _decode_pyav(path: str, table: _PacketTable, wanted: list[int], mode: SeekMo
                     container.seek(table.pts[key], stream=stream, backward=True, any_frame=False)
                 _decode_run(container, stream, table, run, out, path, seeked, to_rgb)
     except _SeekMissed:
-        # imprecise seeking (no index in the container): decode from the start instead
+        # seeking cannot be trusted for this file: decode from the start, as `sequential` does
         out.clear()
         with _pyav_open(path) as (container, stream):
             _decode_run(container, stream, table, wanted, out, path, False, to_rgb)
@@ -547,6 +548,10 @@ def _decode_run(container: Any, stream: Any, table: _PacketTable, run: list[int]
         if frame.pts >= last_needed or not want:
             break
     if want:
+        if check_landing:
+            # after a seek some containers (e.g. MPEG-4 in AVI) give the decoded frames other timestamps
+            # than the packet table: the frames exist, the seek path cannot find them. Decode from the start.
+            raise _SeekMissed()
         missing = sorted(want.values())
         raise VideoDecodeError(path, f"frames {missing[:5]} are listed in the container but could not be "
                                      f"decoded (of {table.count}); the file is probably truncated or corrupt")

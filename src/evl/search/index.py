@@ -154,7 +154,7 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
 
     from evl.data.annotations import Record
     from evl.data.video import load_clip, probe_video
-    from evl.errors import VideoDecodeError
+    from evl.errors import NoDecodableClips, VideoDecodeError
     from evl.models.model import VideoLanguageModel
     from evl.tasks.evaluate import EvalSettings, embed_clips
 
@@ -210,6 +210,7 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         if progress is not None:
             progress(n, len(todo), rel)
         db.execute("DELETE FROM videos WHERE path = ?", (rel,))
+        windows: list[tuple[float | None, float | None]] = []
         try:
             meta = probe_video(path)
             windows = segments(meta.duration, segment)
@@ -219,11 +220,12 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
                 raise VideoDecodeError(path, f"{gallery.undecodable} of {len(records)} clip(s) could not be decoded")
             thumbs = [png_bytes(_thumbnail(load_clip(path, 1, "uniform", start=s, end=e).frames[0], thumb_size))
                       for s, e in windows]
-        except VideoDecodeError as e:
+        except (VideoDecodeError, NoDecodableClips, OSError) as e:   # one bad file never ends the run
+            reason = _failure_reason(e, path, model.cfg.video.num_frames, windows)
             db.execute("INSERT INTO videos (path, size, mtime, fingerprint, error) VALUES (?, ?, ?, ?, ?)",
-                       (rel, st.st_size, st.st_mtime, fp, e.reason))
+                       (rel, st.st_size, st.st_mtime, fp, reason))
             db.commit()
-            report.failed[rel] = e.reason
+            report.failed[rel] = reason
             continue
         cur = db.execute("INSERT INTO videos (path, size, mtime, fingerprint, duration, fps) VALUES (?, ?, ?, ?, ?, ?)",
                          (rel, st.st_size, st.st_mtime, fp, meta.duration, meta.fps))
@@ -238,6 +240,26 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
     db.close()
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _failure_reason(err: Exception, path: Path, num_frames: int, windows: list) -> str:
+    """Why a file could not be indexed, in words: the decoder's reason where there is one (the gallery
+    builder only logs it, so the first window is decoded once more to get it)."""
+    from evl.data.video import load_clip
+    from evl.errors import VideoDecodeError
+
+    if isinstance(err, VideoDecodeError):
+        return err.reason
+    if isinstance(err, OSError):
+        return f"cannot read the file: {err}"
+    try:
+        start, end = windows[0]
+        load_clip(path, num_frames, "uniform", start=start, end=end)
+    except VideoDecodeError as e:
+        return e.reason
+    except OSError as e:
+        return f"cannot read the file: {e}"
+    return str(err)
 
 
 def _thumbnail(frame, size: int) -> np.ndarray:

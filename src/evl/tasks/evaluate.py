@@ -38,7 +38,7 @@ def _resolve(s: EvalSettings) -> EvalSettings:
 
 def clip_settings_for(model: VideoLanguageModel, num_frames: int | None = None) -> ClipSettings:
     v = model.cfg.video
-    return ClipSettings(num_frames=num_frames or v.num_frames, size=v.image_size, train=False)
+    return ClipSettings(num_frames=v.num_frames if num_frames is None else num_frames, size=v.image_size, train=False)
 
 
 def _loader(dataset, collate, s: EvalSettings):
@@ -95,7 +95,11 @@ def embed_clips(model: VideoLanguageModel, records: list[Record], videos_dir: st
         parts.append(f.to("cpu") if keep_tokens else f.embeddings_only().to("cpu"))
         keys.extend(batch["clip_keys"])
     if not parts:
-        raise ValueError("no video of the set could be decoded; run `evl data check` on the annotation")
+        from evl.errors import NoDecodableClips
+
+        example = next(iter(first.values())).video
+        raise NoDecodableClips(f"none of the {len(first)} clip(s) could be decoded (e.g. {example}; the warnings "
+                               "above say why); run `evl data check` on the annotation or files they come from")
     features = VideoFeatures.cat(parts)
     return ClipEmbeddings(keys, features.emb.float(), features if keep_tokens else None, skipped)
 

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,11 @@ def clear_checkpoints(out_dir: str | Path) -> None:
 
 def save_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
                              progress: Progress, meta: dict[str, Any], model_config: dict[str, Any],
-                             out_dir: str | Path, keep_last: int = 0) -> Path:
-    """Write the checkpoint for `progress.step` (collective: every rank must call it)."""
+                             out_dir: str | Path, keep_last: int = 0,
+                             stage: Callable[[Path], None] | None = None) -> Path:
+    """Write the checkpoint for `progress.step` (collective: every rank must call it). `stage(tmp)` runs
+    on the main rank after evl's files are written and before the folder is committed and latest.json
+    points at it: what it adds is part of the checkpoint from the first moment it can be resumed."""
     root = checkpoint_root(out_dir)
     name = f"step_{progress.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -213,6 +217,8 @@ def save_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
         atomic_write_json(tmp / CONFIG_FILE, model_config)
         save_tensor_tree(tmp, "optimizer", optim_state)
         atomic_write_json(tmp / STATE_FILE, {**asdict(progress), **meta, "world_size": ctx.world_size})
+        if stage is not None:
+            stage(tmp)
         commit_dir(tmp, final)
         atomic_write_json(root / LATEST, {"step": progress.step, "dir": name})
         _prune(root, keep_last, final)

@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -160,6 +161,10 @@ class Callback:
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """After each optimizer step (and after that step's checkpoint, if one was due)."""
+
+    def on_checkpoint_staged(self, trainer: Trainer, staged: Path) -> None:
+        """Main rank only: the checkpoint is written into `staged` and not yet committed (latest.json
+        still points at the previous one). Files added here are part of the checkpoint."""
 
     def on_checkpoint(self, trainer: Trainer, path: str) -> None:
         """After a checkpoint directory has been committed."""
@@ -381,8 +386,12 @@ class Trainer:
                 "dataset_size": len(self.dataset),  # type: ignore[arg-type]
                 "train_config": to_dict(self.cfg), "precision": self.precision.name,
                 "precision_reason": self.precision.reason}
+        def stage(staged: Path) -> None:
+            for cb in self.callbacks:
+                cb.on_checkpoint_staged(self, staged)
+
         path = save_training_checkpoint(self.ctx, self.wrapped, self.optimizer, progress, meta,
-                                        self.model_config, self.cfg.out_dir, self.cfg.keep_last)
+                                        self.model_config, self.cfg.out_dir, self.cfg.keep_last, stage)
         for cb in self.callbacks:
             cb.on_checkpoint(self, str(path))
         return str(path)
