@@ -1,0 +1,68 @@
+"""`evl quickstart` as a benchmark: run it, and commit its report as benchmarks/results/quickstart_<cpu-kind>.json.
+
+The quickstart's own `report.json` holds the figures (retrieval, QA, MC, per-type and compositional
+splits, parameters, GFLOPs, stage times, the CPU and the training precision). This wrapper runs
+`evl quickstart --out OUT [ARGS...]`, then writes that report beside the run's metadata (command, git
+commit, CPU kind, precision, seed, date, load before and after, wall time) and the printed table, to
+benchmarks/results/quickstart_<kind>.json, where <kind> names the CPU kind: torch's SIMD capability in
+lower case, plus "-amx" or "-avx512bf16" when the CPU has those bf16 units (e.g. quickstart_avx512.json,
+quickstart_avx2.json, quickstart_avx512-amx.json). One report per CPU kind; a new run replaces the
+report of its kind.
+
+Usage: python benchmarks/quickstart_report.py [--out runs/qs_avx512] [-- extra evl quickstart arguments]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_kind(info: dict) -> str:
+    kind = str(info.get("capability") or "unknown").lower()
+    flags = info.get("flags_bf16") or []
+    if "amx_bf16" in flags:
+        kind += "-amx"
+    elif "avx512_bf16" in flags:
+        kind += "-avx512bf16"
+    return kind
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="quickstart output folder (default runs/qs_<kind>)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("extra", nargs="*", help="further `evl quickstart` arguments (after --)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    from _meta import finish_meta, run_meta
+
+    meta = run_meta(seeds=[args.seed])
+    kind = cpu_kind(meta["cpu"])
+    out = args.out or Path("runs") / f"qs_{kind.split('-')[0]}"
+    cmd = [str(Path(sys.executable).with_name("evl")), "quickstart", "--out", str(out), "--seed", str(args.seed),
+           *args.extra]
+    meta["quickstart_command"] = " ".join(["evl", *cmd[1:]])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"evl quickstart failed (exit {proc.returncode})")
+    report = json.loads((out / "report.json").read_text())
+    table = proc.stdout[proc.stdout.find("evl quickstart —"):] if "evl quickstart —" in proc.stdout else proc.stdout
+    dest = HERE / "results" / f"quickstart_{kind}.json"
+    dest.write_text(json.dumps({"meta": {**finish_meta(meta), "cpu_kind": kind, "quickstart_wall_s": round(wall, 1)},
+                                "report": report, "printed": table.splitlines()}, indent=2, default=str))
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
