@@ -234,6 +234,11 @@ def main() -> None:
 
     from evl.data.synthetic import write_synthvl
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _meta import finish_meta, run_meta
+
+    meta = run_meta(seeds=args.seeds)
+
     work = args.work or Path(tempfile.mkdtemp(prefix="evl-fusion-"))
     data = work / "synthvl"
     if not (data / "annotations" / "pretrain.json").is_file():
@@ -246,7 +251,8 @@ def main() -> None:
 
     machine = {**cpu_info(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
+    args.out.write_text(json.dumps({"meta": finish_meta(meta), "args": {k: str(v) for k, v in vars(args).items()},
+                                    "machine": machine,
                                     "rows": rows, "summary": summary, "table": table}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
 
