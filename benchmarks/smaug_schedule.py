@@ -52,7 +52,7 @@ def integrate(points: list[tuple[float, float]], warmup: float) -> float:
     """∫₀¹ t(p) dp, t piecewise linear between the measured fractions up to `warmup`, constant after."""
     pts = sorted((p, t) for p, t in points if p <= warmup)
     final = dict(points).get(1.0, pts[-1][1])
-    area = sum((p1 - p0) * (t0 + t1) / 2 for (p0, t0), (p1, t1) in zip(pts, pts[1:]))
+    area = sum((p1 - p0) * (t0 + t1) / 2 for (p0, t0), (p1, t1) in zip(pts, pts[1:], strict=False))
     return area + (1.0 - warmup) * final
 
 
