@@ -46,9 +46,12 @@ def test_a_query_naming_what_a_video_shows_ranks_it_first(tmp_path, videos, trai
     report = _build(videos, model, tmp_path / "idx")
     assert report.items == 12 and len(report.added) == 12 and report.kind == "exact" and not report.failed
     index = SearchIndex(tmp_path / "idx")
+    # each query is the caption of its clip that training left out (conftest.HELD_OUT)
     ranks = {name: [Path(h.path).name for h in index.search(cs[0], k=12)].index(name) for name, cs in caps.items()}
-    assert sum(r == 0 for r in ranks.values()) >= 9, ranks   # a 200-step tiny model; 12 near-identical scenes
-    assert sum(ranks.values()) / len(ranks) < 1.0, ranks     # chance: a mean rank of 5.5
+    # measured over training seeds 0-5 (fp32, this fixture): 7, 8, 9, 7, 7, 9 of 12 held-out captions rank
+    # their clip first, mean rank 0.33-0.67. Chance: 1 of 12 first (P(>=5) < 0.001), mean rank 5.5.
+    assert sum(r == 0 for r in ranks.values()) >= 5, ranks
+    assert sum(ranks.values()) / len(ranks) < 1.5, ranks
 
 
 def test_search_scores_equal_the_core_retrieval_scores(tmp_path, videos, trained):
