@@ -228,6 +228,9 @@ def test_cli_index_segments_search_and_rerank(tmp_path, videos, trained):
     assert "not an evl index" in runner.invoke(app, ["search", str(tmp_path), "x"]).output
     assert "not a folder" in runner.invoke(app, ["index", str(tmp_path / "none"), "--model", str(model)]).output
     assert "--approx-above -1" in runner.invoke(app, ["index", str(videos), "--model", str(model), "--approx-above", "-1"]).output
+    missing = runner.invoke(app, ["index", str(videos), "--model", str(model), "--out", str(tmp_path / "iq"),
+                                  "--recall-queries", str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 2 and "--recall-queries" in missing.output and not (tmp_path / "iq").exists()
     small = json.loads(runner.invoke(app, ["index", str(videos), "--model", str(model), "--out", str(tmp_path / "i0"),
                                            "--approx-above", "0", "--json"]).output.strip().splitlines()[-1])
     assert small["kind"] == "exact" and small["items"] == 12   # too few vectors for an IVF: exact
@@ -248,3 +251,49 @@ def test_the_approximate_index_finds_what_exact_search_finds():
     assert recall_at_k(approx, emb, ids, queries) >= 0.9
     _, found = approx.search(queries[:1], 5)
     assert set(found[0]) <= set(ids.tolist())      # results are item ids, not row numbers
+
+
+def test_build_time_recall_is_measured_with_text_queries_not_stored_vectors(tmp_path):
+    """Stored vectors sit in a probed list by construction (recall 1 whatever the index); the build-time
+    figure comes from the text-query embeddings it is given, and is not measured without them."""
+    from evl.search.index import connect, make_vector_index, recall_at_k, write_vector_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    emb = centres[rng.integers(40, size=3000)] + 0.6 * rng.normal(size=(3000, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    db = connect(tmp_path)
+    db.execute("INSERT INTO videos (id, path, size, mtime, fingerprint) VALUES (1, 'v.mp4', 1, 0, 'x')")
+    db.executemany("INSERT INTO items (id, video_id, start, end, embedding) VALUES (?, 1, NULL, NULL, ?)",
+                   [(i + 1, e.tobytes()) for i, e in enumerate(emb)])
+    db.commit()
+    text = rng.normal(size=(64, 16)).astype(np.float32)    # queries from nowhere near the stored clusters
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    calls = []
+    items, kind, recall = write_vector_index(db, tmp_path, 16, approx_above=1000, queries=lambda: calls.append(1) or text)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    assert (items, kind, calls) == (3000, "ivf", [1])
+    assert recall == round(recall_at_k(make_vector_index(emb, ids, 1000), emb, ids, text), 4)
+    assert dict(db.execute("SELECT key, value FROM info"))["recall_at_10"] == str(recall)
+    assert write_vector_index(db, tmp_path, 16, approx_above=1000)[2] is None          # no queries: not measured
+    calls.clear()
+    assert write_vector_index(db, tmp_path, 16, approx_above=10_000, queries=lambda: calls.append(1) or text) \
+        == (3000, "exact", None) and calls == []                                       # exact: nothing to measure
+
+
+def test_recall_queries_file_is_read_and_bad_ones_are_refused(tmp_path):
+    from evl.search.index import read_recall_queries
+
+    packaged = read_recall_queries()
+    assert len(packaged) >= 50 and all(q and not q.startswith("#") for q in packaged)
+    f = tmp_path / "q.txt"
+    f.write_text("# mine\n a dog running \n\nfireworks\n", encoding="utf-8")
+    assert read_recall_queries(f) == ["a dog running", "fireworks"]
+    f.write_text("# only a comment\n\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="no queries in it"):
+        read_recall_queries(f)
+    f.write_bytes(b"\xff\xfe\xfa bad")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        read_recall_queries(f)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        read_recall_queries(tmp_path / "missing.txt")

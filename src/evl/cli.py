@@ -266,6 +266,9 @@ def index_videos(
     segment: float | None = typer.Option(None, "--segment", help="Index overlapping segments of this many seconds."),
     batch_size: int = typer.Option(16, "--batch-size", help="Clips per forward pass."),
     approx_above: int = typer.Option(100_000, "--approx-above", help="Use an approximate (IVF) index above this many items."),
+    recall_queries: Path | None = typer.Option(
+        None, "--recall-queries", help="Text file, one query per line, to measure an approximate index's recall@10 "
+        "(default: packaged generic queries)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Index (or update the index of) a folder of videos: only new or changed files are encoded."""
@@ -278,14 +281,15 @@ def index_videos(
         if batch_size < 1:
             raise EvlError(f"--batch-size {batch_size}: must be >= 1")
         with _progress() as bar:
-            report = build_index(video_dir, model, out, segment, batch_size, approx_above, progress=bar)
+            report = build_index(video_dir, model, out, segment, batch_size, approx_above, progress=bar,
+                                 recall_queries=recall_queries)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report)))
         return
     typer.echo(f"{out}: {report.items} items ({report.kind}"
-               + (f", recall@10 {report.recall_at_10:.3f} vs exact" if report.recall_at_10 is not None else "") + "); "
+               + (f", recall@10 {report.recall_at_10:.3f} vs exact on {report.recall_queries} text queries" if report.recall_at_10 is not None else "") + "); "
                f"{len(report.added)} added, {len(report.updated)} updated, {len(report.removed)} removed, "
                f"{report.unchanged} unchanged, {len(report.failed)} unreadable ({report.seconds:.1f} s)")
     for path, why in sorted(report.failed.items()):

@@ -1,10 +1,10 @@
 """Training precision from what the hardware runs natively, and the facts to print beside a timing.
 
 On an Intel CPU with AMX (or AVX512-BF16) a bf16 matmul runs about twice as fast as fp32; on a CPU
-with AVX2 only (e.g. AMD EPYC before Zen 4) bf16 is emulated and runs ~100-150x *slower* (measured
-0.9 vs 130 GFLOP/s). So `train.precision: auto` picks bf16 only where it is native: a CUDA GPU with
-bf16, or a CPU whose flags show AMX-BF16 / AVX512-BF16; when the flags cannot be read (not Linux) a
-short timing probe decides. fp16 is never chosen: it is unusable on CPU.
+without AVX512-BF16/AMX bf16 is emulated and runs *slower*: ~100-150x on AVX2 only (e.g. AMD EPYC
+before Zen 4; measured 0.9 vs 130 GFLOP/s), ~6x on AVX512 without bf16 (54 vs 316 GFLOP/s).
+So `train.precision: auto` picks bf16 only where it is native: a CUDA GPU with bf16, or a CPU whose
+flags show AMX-BF16 / AVX512-BF16; when the flags cannot be read (not Linux) a short timing probe decides. fp16 is never chosen: it is unusable on CPU.
 
 `EVL_PRECISION=fp32|bf16` in the environment decides what `auto` resolves to, for every run of the
 process and its children (torchrun workers inherit it): it is how the test suite is run under a chosen
@@ -112,7 +112,8 @@ def cpu_runs_bf16_natively(probe: bool = True) -> tuple[bool, str]:
         native = [f for f in BF16_FLAGS if f in flags]
         if native:
             return True, f"CPU flags: {', '.join(native)}"
-        return False, f"{cap} CPU without AVX512-BF16/AMX: bf16 matmul is emulated (~100x slower than fp32)"
+        return False, (f"{cap} CPU without AVX512-BF16/AMX: bf16 matmul is emulated "
+                       "(slower than fp32: ~6x measured on AVX512, ~100-150x on AVX2)")
     if not probe:
         return False, "CPU flags unreadable and no probe: fp32 is the safe choice"
     ratio = _probe_bf16_ratio()

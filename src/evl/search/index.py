@@ -58,7 +58,8 @@ class IndexReport:
     failed: dict[str, str] = field(default_factory=dict)   # path → why it could not be indexed
     items: int = 0
     kind: str = "exact"
-    recall_at_10: float | None = None                       # approximate index against exact search
+    recall_at_10: float | None = None                       # approximate index against exact search, text queries
+    recall_queries: int = 0                                 # how many text queries measured it
     seconds: float = 0.0
 
 
@@ -148,8 +149,11 @@ def _check_same_model(info: dict[str, str], fingerprint: str, width: int, checkp
 
 def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None = None, batch_size: int = 16,
                 approx_above: int = 100_000, thumb_size: int = 96,
-                progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
-    """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint`."""
+                progress: Callable[[int, int, str], None] | None = None,
+                recall_queries: Path | None = None) -> IndexReport:
+    """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint`.
+    An approximate index's recall@10 is measured with text queries (what search is asked): the lines of
+    `recall_queries`, or the packaged generic ones."""
     import torch
 
     from evl.data.annotations import Record
@@ -168,6 +172,7 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         raise ConfigError(f"--approx-above {approx_above}: must be >= 0 (items above it get an approximate index)")
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"--model {checkpoint}: not an evl checkpoint folder (no config.json)")
+    queries = read_recall_queries(recall_queries)
     model = VideoLanguageModel.from_pretrained(checkpoint).eval()
     fingerprint = model_fingerprint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +241,15 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         (report.updated if existed else report.added).append(rel)
     report.failed.update({p: e for p, e in db.execute("SELECT path, error FROM videos WHERE error IS NOT NULL")
                           if p not in report.failed})
-    report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.cfg.embed_dim, approx_above)
+    def embed_queries() -> np.ndarray:
+        from evl.tasks.evaluate import embed_texts
+
+        tok = tokenizer_for(model.cfg, checkpoint)
+        return embed_texts(model, queries, tok, settings).emb.to(torch.float32).numpy()
+
+    report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.cfg.embed_dim, approx_above,
+                                                                        embed_queries)
+    report.recall_queries = len(queries) if report.recall_at_10 is not None else 0
     db.close()
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
@@ -316,18 +329,36 @@ def recall_at_k(approx, exact_emb: np.ndarray, ids: np.ndarray, queries: np.ndar
     return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found, strict=True)]))
 
 
-def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above: int) -> tuple[int, str, float | None]:
-    """Rebuild index.faiss from the stored embeddings (atomically); returns (items, kind, recall@10)."""
+RECALL_QUERIES_FILE = Path(__file__).with_name("recall_queries.txt")
+
+
+def read_recall_queries(path: Path | None = None) -> list[str]:
+    """Text queries for the build-time recall measurement: one per line, blank lines and `#` lines skipped."""
+    src = Path(path) if path is not None else RECALL_QUERIES_FILE
+    try:
+        lines = src.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--recall-queries {src}: cannot read it ({e}); give a UTF-8 text file, one query per line") from e
+    queries = [q.strip() for q in lines if q.strip() and not q.lstrip().startswith("#")]
+    if not queries:
+        raise ConfigError(f"--recall-queries {src}: no queries in it; give a text file with one query per line")
+    return queries
+
+
+def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above: int,
+                       queries: Callable[[], np.ndarray] | None = None) -> tuple[int, str, float | None]:
+    """Rebuild index.faiss from the stored embeddings (atomically); returns (items, kind, recall@10).
+    The recall of an approximate index is measured with `queries()` (text-query embeddings, computed only
+    when the index is approximate) against exact search; without them it is not measured (None). Stored
+    video vectors are not used as queries: each sits in a probed list by construction, so they overstate it."""
     from evl.search import optional
 
     faiss = optional("faiss")
     ids, emb = load_embeddings(db, dim)
     index = make_vector_index(emb, ids, approx_above)
     kind, recall = ("ivf", None) if "IVF" in type(index).__name__ else ("exact", None)
-    if kind == "ivf":   # measured on 200 of the stored embeddings used as queries
-        rng = np.random.default_rng(0)
-        sample = emb[rng.choice(len(ids), size=min(200, len(ids)), replace=False)]
-        recall = round(recall_at_k(index, emb, ids, sample), 4)
+    if kind == "ivf" and queries is not None:
+        recall = round(recall_at_k(index, emb, ids, np.ascontiguousarray(queries(), dtype=np.float32)), 4)
     tmp = out / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / INDEX_FILE)

@@ -26,9 +26,9 @@ the same as without it. `find_unused_parameters` (DDP) stays False: it costs a g
 step; DDP's error for a model whose used parameters change from step to step is re-raised with advice.
 
 Precision: `train.precision: auto` (the default) picks bf16 autocast only where the hardware runs it
-natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only
-CPU a bf16 matmul is emulated and ~100x slower. The choice and the reason are printed and recorded in
-each checkpoint's trainer state.
+natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and fp32 elsewhere: on other CPUs a
+bf16 matmul is emulated and slower (~6x on AVX512, ~100x on AVX2). The choice and the reason are
+printed and recorded in each checkpoint's trainer state.
 """
 
 from __future__ import annotations
