@@ -429,13 +429,17 @@ def quickstart(
     pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="Pre-training steps (default: the recipe's)."),
     retrieval_steps: int | None = typer.Option(None, "--retrieval-steps", help="Retrieval fine-tuning steps."),
     qa_steps: int | None = typer.Option(None, "--qa-steps", help="QA fine-tuning steps."),
+    pretrain_recipe: str | None = typer.Option(
+        None, "--pretrain-recipe", help="Pre-training recipe (packaged name or YAML; default: the efficiency "
+        "sweep's winner; pretrain-tiny is the dense baseline)."),
 ) -> None:
     """The main job: synthesise SynthVL, pre-train the tiny model, fine-tune + evaluate retrieval/QA/MC, print one table."""
-    from evl.quickstart import run_quickstart
+    from evl.quickstart import PRETRAIN_RECIPE, run_quickstart
 
     try:
         run_quickstart(out=out, clips=clips, seed=seed, pretrain_steps=pretrain_steps,
-                       retrieval_steps=retrieval_steps, qa_steps=qa_steps)
+                       retrieval_steps=retrieval_steps, qa_steps=qa_steps,
+                       pretrain_recipe=pretrain_recipe or PRETRAIN_RECIPE)
     except EvlError as e:
         _fail(e)
 

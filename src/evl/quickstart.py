@@ -1,9 +1,10 @@
 """`evl quickstart`: the main job, end to end on one CPU in ≤ 15 minutes.
 
-SynthVL → check → pre-train tiny (VTC+VTM+MLM) → fine-tune retrieval (VTC+VTM) and QA from the
-pre-trained checkpoint → evaluate retrieval, QA and multiple choice on the held-out test split →
-one table (with chance / majority baselines, params, GFLOPs, training time), `report.json` and a plot
-of the training curves in `--out`.
+SynthVL → check → pre-train tiny with the most accurate recipe per CPU-minute measured by
+`benchmarks/efficiency_sweep.py` (`PRETRAIN_RECIPE`; `--pretrain-recipe pretrain-tiny` runs the dense
+VTC+VTM+MLM baseline) → fine-tune retrieval (VTC+VTM) and QA from the pre-trained checkpoint → evaluate
+retrieval, QA and multiple choice on the held-out test split → one table (with chance / majority
+baselines, params, GFLOPs, training time), `report.json` and a plot of the training curves in `--out`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 from evl.config import to_dict
-from evl.errors import EvlError
+from evl.errors import ConfigError, EvlError
+
+PRETRAIN_RECIPE = "pretrain-tiny"   # the dense baseline until the efficiency sweep has a winner
 
 
 def _stage(name: str) -> None:
@@ -67,6 +70,9 @@ def plot_curves(stages: dict[str, Path], out_png: Path) -> None:
 def format_table(report: dict) -> str:
     r, q, mc, eff = report["retrieval"], report["qa"], report["mc"], report["efficiency"]
     lines = ["", "evl quickstart — SynthVL held-out test split (tiny model, CPU)", "-" * 66]
+    if "pretrain_recipe" in report:
+        lines.append(f"{'pre-training recipe':24s} {report['pretrain_recipe']} "
+                     f"({' + '.join(report['train']['objectives']['pretrain'])}, {report['train']['steps']['pretrain']} steps)")
     lines.append(f"{'text→video':24s} R@1 {r['t2v_r1']:5.1f}   R@5 {r['t2v_r5']:5.1f}   R@10 {r['t2v_r10']:5.1f}   "
                  f"MdR {r['t2v_medr']:.0f}")
     lines.append(f"{'  chance':24s} R@1 {r['chance_r1']:5.1f}   R@5 {r['chance_r5']:5.1f}   R@10 {r['chance_r10']:5.1f}")
@@ -126,8 +132,20 @@ def compositional_breakdown(ret_model, qa_model, vocab, ann: Path, videos: Path,
     return out
 
 
+def pretrain_recipe_checked(name: str):
+    """The pre-training recipe by packaged name or YAML path; refused unless it is a pre-training one."""
+    from evl.recipes import load_recipe
+
+    cfg = load_recipe(name)
+    if cfg.task != "pretrain":
+        raise ConfigError(f"--pretrain-recipe {name}: its task is {cfg.task!r}; the quickstart pre-trains with a "
+                          "'task: pretrain' recipe (e.g. pretrain-tiny, pretrain-tiny-vtc, pretrain-tiny-lit)")
+    return cfg
+
+
 def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: int | None = None,
-                   retrieval_steps: int | None = None, qa_steps: int | None = None) -> dict:
+                   retrieval_steps: int | None = None, qa_steps: int | None = None,
+                   pretrain_recipe: str = PRETRAIN_RECIPE) -> dict:
     from evl.data.check import check_annotations
     from evl.data.synthetic import write_synthvl
     from evl.data.text import tokenizer_for
@@ -139,6 +157,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     if clips < 60:
         raise EvlError(f"--clips {clips} is too few: the fine-tuning recipes need at least one batch of 32 "
                        "training clips (70% of --clips); use --clips 60 or more (default 500)")
+    pre_cfg = pretrain_recipe_checked(pretrain_recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -153,8 +172,8 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
           f"{check['missing']} missing, {check['undecodable']} undecodable", flush=True)
     times["synth"] = time.perf_counter() - t0
 
-    _stage("2/5 pre-train tiny: VTC + VTM + MLM")
-    pre = run_recipe(_recipe("pretrain-tiny", data, out / "pretrain", ("pretrain.json", "retrieval_val.json"),
+    _stage(f"2/5 pre-train tiny: {pretrain_recipe} ({' + '.join(n.upper() for n in pre_cfg.objectives or {})})")
+    pre = run_recipe(_recipe(pretrain_recipe, data, out / "pretrain", ("pretrain.json", "retrieval_val.json"),
                              pretrain_steps), evaluate=False)
     times["pretrain"] = pre["train_time_s"]
     init = pre["checkpoint"]
@@ -190,10 +209,12 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     times["total"] = time.perf_counter() - t_all
 
     report = {
+        "pretrain_recipe": pretrain_recipe,
         "data": {"clips": clips, "seed": seed, "splits": synth["splits"]},
         "retrieval": retrieval, "qa": qa_metrics, "mc": mc,
         "efficiency": {"params": count_parameters(ret_model), **gflops_per_clip(ret_model, ret_model.cfg.video.num_frames)},
         "train": {"pretrain": pre["final_losses"], "retrieval": ret["final_losses"], "qa": qa["final_losses"],
+                  "objectives": {"pretrain": pre["objectives"], "retrieval": ret["objectives"], "qa": qa["objectives"]},
                   "steps": {"pretrain": pre["steps"], "retrieval": ret["steps"], "qa": qa["steps"]}},
         "compositional": compositional,
         "model": to_dict(ret_model.cfg),

@@ -160,12 +160,12 @@ class VideoLanguageModel(nn.Module):
         return VideoFeatures(emb, out, tokens.key_mask, lower, tokens.positions, tokens.grid, hooks)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        x = self.text.embed(input_ids)
+        x, first = self.text.unlocked_input(input_ids, attention_mask)
         lower = None
-        for i, layer in enumerate(self.text.layers):
+        for i in range(first, len(self.text.layers)):
             if i == self.text_fuse_start:
                 lower = x
-            x = layer(x, attention_mask)
+            x = self.text.layers[i](x, attention_mask)
         # mean pooling: what MiniLM's sentence embedding was trained with
         emb = F.normalize(self.text_proj(masked_mean(x, attention_mask)), dim=-1)
         return TextFeatures(emb, x, attention_mask, lower)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,11 @@ class TextEncoderConfig:
     ids the weights were trained on.
     `fusion_layers`: how many of the top layers get a gated cross-attention to video tokens of width
     `context_dim` (EgoVLPv2); 0 = a plain text encoder.
+    `locked_layers`: the embeddings and the first N layers are locked (LiT; open_clip's `--lock-text`
+    with `--lock-text-unlocked-layers`): not trained, always run in eval mode (no dropout), and in
+    training their output is cached per token sequence (up to `locked_cache` sequences), so a caption
+    seen again in a later epoch costs nothing below the unlocked layers. N = num_layers locks the whole
+    tower (only the projection above it trains); 0 = nothing locked. Fused layers cannot be locked.
     """
 
     vocab_size: int = 30522
@@ -111,6 +118,8 @@ class TextEncoderConfig:
     tokenizer: str | None = None
     fusion_layers: int = 0
     context_dim: int | None = None
+    locked_layers: int = 0
+    locked_cache: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -125,6 +134,13 @@ class TextEncoderConfig:
             )
         if self.fusion_layers and not self.context_dim:
             raise ConfigError("text.fusion_layers > 0 needs text.context_dim (the video tower's width)")
+        if not 0 <= self.locked_layers <= self.num_layers - self.fusion_layers:
+            raise ConfigError(
+                f"text.locked_layers must be between 0 and text.num_layers - text.fusion_layers "
+                f"({self.num_layers} - {self.fusion_layers}: fused layers cannot be locked), got {self.locked_layers}"
+            )
+        if self.locked_cache < 0:
+            raise ConfigError(f"text.locked_cache must be >= 0 sequences (0 = no cache), got {self.locked_cache}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:
@@ -251,6 +267,42 @@ class TextLayer(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+class RowCache:
+    """Least-recently-used outputs of a deterministic function of token rows, keyed by each row's ids and
+    mask (at most `capacity` rows). Rows not cached are computed together in one call; the rest are read."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor,
+                 compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.capacity == 0:
+            return compute(ids, mask)
+        table = torch.cat([ids, mask], dim=1).cpu().numpy()
+        keys = [row.tobytes() for row in table]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if todo:
+            first = [keys.index(k) for k in todo]
+            out = compute(ids[first], mask[first])
+            fresh = {k: out[j].clone() for j, k in enumerate(todo)}
+        rows = [fresh.get(k) if k in fresh else self.rows[k] for k in keys]
+        for k in keys:   # most recently used last; the least recently used go first
+            if k in fresh:
+                self.rows[k] = fresh[k]
+            self.rows.move_to_end(k)
+        while len(self.rows) > self.capacity:
+            self.rows.popitem(last=False)
+        return torch.stack(rows)
+
+
 class TextEncoder(nn.Module):
     """BERT-compatible encoder. Built from `cfg`; when `cfg.pretrained` is set the weights are loaded
     right away (strictly), so `TextEncoder(cfg)` is the one construction path for configs and recipes.
@@ -269,6 +321,38 @@ class TextEncoder(nn.Module):
         self.apply(self._init_weights)
         if cfg.pretrained is not None:
             self.load_pretrained(cfg.pretrained)
+        self._locked_cache = RowCache(cfg.locked_cache)
+        for p in self._locked_modules().parameters():
+            p.requires_grad_(False)
+        # new weights make every cached output stale
+        self.register_load_state_dict_post_hook(lambda module, keys: module._locked_cache.clear())
+
+    def _locked_modules(self) -> nn.ModuleList:
+        n = self.cfg.locked_layers
+        return nn.ModuleList([self.embeddings, *self.layers[:n]] if n else [])
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        self._locked_modules().eval()   # locked: no dropout, whatever the mode
+        return self
+
+    def _run_locked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers[:self.cfg.locked_layers]:
+            x = layer(x, attention_mask)
+        return x
+
+    def unlocked_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(hidden states entering the first unlocked layer, that layer's index): the embeddings and 0
+        without a lock; otherwise the locked part's output, computed without gradient and, in training,
+        read from the cache where the same token sequence was seen before."""
+        n = self.cfg.locked_layers
+        if n == 0:
+            return self.embed(input_ids), 0
+        with torch.no_grad():
+            if self.training:
+                return self._locked_cache(input_ids, attention_mask, self._run_locked), n
+            return self._run_locked(input_ids, attention_mask), n
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -311,6 +395,8 @@ class TextEncoder(nn.Module):
 
         state = hf_bert_to_evl(load_file(str(weights)), num_layers=self.cfg.num_layers, source=str(weights))
         load_strict(self, state, allowed_missing=lambda k: ".cross_attn." in k, source=str(weights))
+        if hasattr(self, "_locked_cache"):
+            self._locked_cache.clear()
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.embeddings(input_ids, token_type_ids)
@@ -320,8 +406,11 @@ class TextEncoder(nn.Module):
         """The plain text tower (dual mode: the fused layers' cross-attention is skipped)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        x = self.embed(input_ids, token_type_ids)
-        for layer in self.layers:
+        if token_type_ids is None:
+            x, first = self.unlocked_input(input_ids, attention_mask)
+        else:   # token types are not part of the locked cache's key: run the whole tower
+            x, first = self.embed(input_ids, token_type_ids), 0
+        for layer in self.layers[first:]:
             x = layer(x, attention_mask)
         return TextEncoderOutput(tokens=x, attention_mask=attention_mask, cls=x[:, 0], mean=masked_mean(x, attention_mask))
 

@@ -83,8 +83,9 @@ def build_param_groups(model: nn.Module, weight_decay: float, lr_mults: dict[str
     `lr_mults` maps a module-path pattern to a learning-rate multiplier (EgoVLPv2 trains its new
     cross-attention and heads 4x faster: {"*cross_attn": 4.0, "*_head": 4.0}); see `_matches` for the
     pattern rule, and the most specific matching pattern wins. A module with `pattern_root = "model."`
-    (the training objective) is matched by the paths below that prefix. A pattern that matches no trainable
-    parameter is an error (a typo would otherwise silently train at 1x). Each group carries
+    (the training objective) is matched by the paths below that prefix. A pattern that matches no
+    parameter is an error (a typo would otherwise silently train at 1x); one that matches only frozen
+    parameters (a locked tower) is not. Each group carries
     `lr_mult` and `name` so the Trainer sets `lr = base_lr * schedule * lr_mult` at every step and so
     logs say which group is which. Frozen parameters (requires_grad=False) are left out.
     """
@@ -95,10 +96,10 @@ def build_param_groups(model: nn.Module, weight_decay: float, lr_mults: dict[str
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
     used: set[str] = set()
     for name, p in model.named_parameters():
+        mult, pattern = lr_multiplier(name.removeprefix(root) if root else name, lr_mults)
+        used.add(pattern)   # a pattern naming only frozen (locked) parameters is no typo
         if not p.requires_grad:
             continue
-        mult, pattern = lr_multiplier(name.removeprefix(root) if root else name, lr_mults)
-        used.add(pattern)
         decay = not no_weight_decay(name, p, skip_decay)
         key = (pattern, decay)
         if key not in groups:
@@ -110,7 +111,7 @@ def build_param_groups(model: nn.Module, weight_decay: float, lr_mults: dict[str
     unused = [p for p in lr_mults if p not in used]
     if unused:
         tops = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
-        raise ConfigError(f"train.lr_mults: {', '.join(repr(u) for u in unused)} match(es) no trainable parameter; "
+        raise ConfigError(f"train.lr_mults: {', '.join(repr(u) for u in unused)} match(es) no parameter; "
                           f"patterns are module paths anchored at the start (use * for any prefix, e.g. "
                           f"'*cross_attn'); top-level modules: {', '.join(tops)}")
     return list(groups.values())
