@@ -34,12 +34,14 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_STEPS = 150          # the quickstart's pre-training (pretrain-tiny)
+WINNER = "lit"                 # the quickstart's recipe; every other candidate is also compared with it
 TRAIN, VAL, TEST = 350, 50, 1000
 CANDIDATES = {   # name → (packaged recipe, overrides)
     "dense": ("pretrain-tiny", []),
     "vtc": ("pretrain-tiny-vtc", []),
     "lit": ("pretrain-tiny-lit", []),
     "lit-full": ("pretrain-tiny-lit", ["model.text.locked_layers=2"]),
+    "dense-lit": ("pretrain-tiny", ["model.text.locked_layers=1"]),   # ablation: the lock with all three terms
 }
 
 
@@ -207,9 +209,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     hits = {}
     for r in runs:
         ranks = np.array(r["ranks"])
+        comp = np.array(r["compositional"])
         hits.setdefault((r["candidate"], r["budget"]), {})[r["seed"]] = {
-            "all": (ranks == 1).astype(float),
-            "held_out": (ranks[np.array(r["compositional"])] == 1).astype(float)}
+            "all": (ranks == 1).astype(float), "held_out": (ranks[comp] == 1).astype(float),
+            "r10_all": (ranks <= 10).astype(float)}
     out = []
     for (cand, budget), by_seed in sorted(hits.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rs = [r for r in runs if r["candidate"] == cand and r["budget"] == budget]
@@ -217,14 +220,16 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "seeds": sorted(by_seed), "steps": rs[0]["steps"],
                  "train_min": round(statistics.mean(r["train_s"] for r in rs) / 60, 2),
                  "train_gflop": round(statistics.mean(r["train_gflop"] for r in rs), 0)}
-        for part in ("all", "held_out"):
+        for part in ("all", "held_out", "r10_all"):
+            key = "zs_r10_all" if part == "r10_all" else f"zs_r1_{part}"
             h = {s: v[part] for s, v in by_seed.items()}
-            entry[f"zs_r1_{part}"] = round(100 * float(np.mean([v.mean() for v in h.values()])), 1)
-            entry[f"zs_r1_{part}_per_seed"] = {s: round(100 * float(v.mean()), 1) for s, v in sorted(h.items())}
-            entry[f"zs_r1_{part}_ci95"] = bootstrap(h)
-            dense = hits.get(("dense", budget))
-            if cand != "dense" and dense:
-                entry[f"zs_r1_{part}_minus_dense"] = paired(h, {s: v[part] for s, v in dense.items()})
+            entry[key] = round(100 * float(np.mean([v.mean() for v in h.values()])), 1)
+            entry[f"{key}_per_seed"] = {s: round(100 * float(v.mean()), 1) for s, v in sorted(h.items())}
+            entry[f"{key}_ci95"] = bootstrap(h)
+            for other in ("dense", WINNER):
+                ref = hits.get((other, budget))
+                if cand != other and ref:
+                    entry[f"{key}_minus_{other}"] = paired(h, {s: v[part] for s, v in ref.items()})
         fts = [r for r in rows if r["kind"] == "finetune" and r["candidate"] == cand and r["budget"] == budget]
         if fts:
             for key in ("ft_t2v_r1", "qa", "mc"):
@@ -261,18 +266,66 @@ def plot(summary: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+def write_outputs(rows: list[dict], metas: list[dict], budget_s: float | None, dest: Path) -> None:
+    summary = summarise(rows)
+    out = {"meta": metas[-1], "meta_runs": metas, "protocol": {
+        "data": f"SynthVL seed 0, {TRAIN} train / {VAL} val / {TEST} test clips (half of the test clips "
+                "with held-out colour×shape×verb triples), 64×64, 16 frames",
+        "budget_s_at_1": budget_s, "reference": f"pretrain-tiny, {REFERENCE_STEPS} steps",
+        "eval": "zero-shot text→video R@1 and R@10 of the dual encoder on every test caption against all "
+                f"{TEST} test videos (pessimistic ties); held_out = the captions of clips with held-out triples",
+        "interval": "95% bootstrap over seeds and test captions (2,000 draws)",
+        "paired": f"candidate minus dense (and minus {WINNER}) with the same seed on the same captions"},
+        "summary": summary,
+        "rows": [{k: v for k, v in r.items() if k not in ("ranks", "compositional")} for r in rows]}
+    dest.write_text(json.dumps(out, indent=1))
+    plot(summary, dest.with_suffix(".png"))
+
+
+def markdown(summary: list[dict]) -> str:
+    """The README's table: one row per (budget, candidate)."""
+    def ci(e, key):
+        lo, hi = e[f"{key}_ci95"]
+        return f"{e[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+    def diff(e, key, other="dense"):
+        d = e.get(f"{key}_minus_{other}")
+        return f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "—"
+
+    lines = ["| budget | candidate | steps | train min | train TFLOP | zero-shot R@1 [95% CI] | − dense, paired | "
+             f"− {WINNER}, paired | held-out half R@1 | − dense, paired | R@10 | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(summary, key=lambda e: (e["budget"], e["candidate"] != "dense", -e["zs_r1_all"])):
+        lines.append(f"| {e['budget']:g}× | {e['candidate']} | {e['steps']} | {e['train_min']:.1f} | "
+                     f"{e['train_gflop'] / 1000:.1f} | {ci(e, 'zs_r1_all')} | {diff(e, 'zs_r1_all')} | "
+                     f"{diff(e, 'zs_r1_all', WINNER)} | {ci(e, 'zs_r1_held_out')} | {diff(e, 'zs_r1_held_out')} | "
+                     f"{ci(e, 'zs_r10_all')} | {len(e['seeds'])} |")
+    fts = [e for e in summary if "qa" in e]
+    if fts:
+        lines += ["", "| budget | candidate | fine-tuned R@1 | QA | MC (5-way) | seeds |", "|---|---|---|---|---|---|"]
+        for e in fts:
+            lines.append(f"| {e['budget']:g}× | {e['candidate']} | {e['ft_t2v_r1']:.1f} | {e['qa']:.1f} | {e['mc']:.1f} | "
+                         f"{len(e['qa_per_seed'])} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--candidates", nargs="+", default=["dense", "vtc", "lit", "lit-full"], choices=list(CANDIDATES))
     ap.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5, 0.25, 2.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=Path("runs/efficiency_sweep"))
     ap.add_argument("--finetune", action="store_true", help="also fine-tune and evaluate QA/MC at budget 1")
     ap.add_argument("--json", type=Path, default=RESULTS / "efficiency_sweep.json")
+    ap.add_argument("--table", action="store_true", help="print the README's table from --json and stop")
+    ap.add_argument("--summarise-only", action="store_true", help="rewrite --json and the plot from WORK/rows.jsonl")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.json.read_text())["summary"]))
+        return
     if any(b <= 0 for b in args.budgets):
         ap.error("--budgets must be positive")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -280,29 +333,30 @@ def main() -> None:
 
     meta = run_meta(seeds=args.seeds)
     args.work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    # every invocation that added rows keeps its metadata (commit, CPU, load); this one is added last
+    earlier_meta = previous.get("meta_runs", [previous["meta"]] if "meta" in previous else [])
     cache = args.work / "rows.jsonl"
     rows = [json.loads(x) for x in cache.read_text().splitlines() if x.strip()] if cache.is_file() else []
 
     def have(**key) -> dict | None:
         return next((r for r in rows if all(r.get(k) == v for k, v in key.items())), None)
 
-    def add(row: dict) -> None:
-        rows.append(row)
-        with cache.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        summary = summarise(rows)
-        out = {"meta": finish_meta(dict(meta)), "protocol": {
-            "data": f"SynthVL seed 0, {TRAIN} train / {VAL} val / {TEST} test clips (half of the test clips "
-                    "with held-out colour×shape×verb triples), 64×64, 16 frames",
-            "budget_s_at_1": budget_s, "reference": f"pretrain-tiny, {REFERENCE_STEPS} steps",
-            "eval": "zero-shot text→video R@1 of the dual encoder on every test caption (pessimistic ties)",
-            "interval": "95% bootstrap over seeds and test captions (2,000 draws)"},
-            "summary": summary,
-            "rows": [{k: v for k, v in r.items() if k not in ("ranks", "compositional")} for r in rows]}
-        args.json.write_text(json.dumps(out, indent=1))
-        plot(summary, args.json.with_suffix(".png"))
-        print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "compositional", "step_s_all")}), flush=True)
+    def add(row: dict | None) -> None:
+        if row is not None:
+            rows.append(row)
+            with cache.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        probe = have(kind="probe", candidate="dense")
+        budget = round(REFERENCE_STEPS * probe["step_s"], 1) if probe else None
+        write_outputs(rows, [*earlier_meta, finish_meta(dict(meta))], budget, args.json)
+        if row is not None:
+            print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "compositional", "step_s_all")}),
+                  flush=True)
 
+    if args.summarise_only:
+        add(None)
+        return
     from evl.recipes import run_recipe
 
     data = data_dir(args.work)

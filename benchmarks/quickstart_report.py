@@ -9,7 +9,8 @@ lower case, plus "-amx" or "-avx512bf16" when the CPU has those bf16 units (e.g.
 quickstart_avx2.json, quickstart_avx512-amx.json). One report per CPU kind; a new run replaces the
 report of its kind.
 
-Usage: python benchmarks/quickstart_report.py [--out runs/qs_avx512] [-- extra evl quickstart arguments]
+Usage: python benchmarks/quickstart_report.py [--out runs/qs_avx512] [--tag NAME] [-- extra evl quickstart arguments]
+(`--tag dense -- --pretrain-recipe pretrain-tiny` keeps the dense baseline's report beside the main one.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="quickstart output folder (default runs/qs_<kind>)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="written to quickstart_<kind>_<tag>.json instead (e.g. a baseline run)")
     ap.add_argument("extra", nargs="*", help="further `evl quickstart` arguments (after --)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -58,7 +60,7 @@ def main() -> None:
         raise SystemExit(f"evl quickstart failed (exit {proc.returncode})")
     report = json.loads((out / "report.json").read_text())
     table = proc.stdout[proc.stdout.find("evl quickstart —"):] if "evl quickstart —" in proc.stdout else proc.stdout
-    dest = HERE / "results" / f"quickstart_{kind}.json"
+    dest = HERE / "results" / f"quickstart_{kind}{'_' + args.tag if args.tag else ''}.json"
     dest.write_text(json.dumps({"meta": {**finish_meta(meta), "cpu_kind": kind, "quickstart_wall_s": round(wall, 1)},
                                 "report": report, "printed": table.splitlines()}, indent=2, default=str))
     print(f"wrote {dest}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from evl.config import to_dict
 from evl.errors import ConfigError, EvlError
 
-PRETRAIN_RECIPE = "pretrain-tiny"   # the dense baseline until the efficiency sweep has a winner
+PRETRAIN_RECIPE = "pretrain-tiny-lit"   # benchmarks/efficiency_sweep.py: most accurate at the quickstart budget
 
 
 def _stage(name: str) -> None:
