@@ -17,8 +17,8 @@ FlopCounterMode on a warm step: a locked tower's cache hits count as free, as th
 Rows are cached in WORK/rows.jsonl: a killed sweep goes on where it stopped (a row is written only when it
 is complete). After every row the summary is rewritten: benchmarks/results/efficiency_sweep.json (every row,
 the per-query ranks kept as R@1 hits; mean with a 95% bootstrap interval over seeds and test captions; the
-paired difference to the dense recipe per seed with its interval) and efficiency_sweep.png (R@1 against
-training minutes and against training GFLOPs, one line per candidate).
+paired difference to the dense recipe per seed with its interval) and docs/efficiency_sweep.png (R@1
+against training minutes and against training GFLOPs, one line per candidate).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "efficiency_sweep.png"   # results/*.png are not committed
 REFERENCE_STEPS = 150          # the quickstart's pre-training (pretrain-tiny)
 WINNER = "lit"                 # the quickstart's recipe; every other candidate is also compared with it
 TRAIN, VAL, TEST = 350, 50, 1000
@@ -266,7 +267,7 @@ def plot(summary: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], metas: list[dict], budget_s: float | None, dest: Path) -> None:
+def write_outputs(rows: list[dict], metas: list[dict], budget_s: float | None, dest: Path, png: Path) -> None:
     summary = summarise(rows)
     out = {"meta": metas[-1], "meta_runs": metas, "protocol": {
         "data": f"SynthVL seed 0, {TRAIN} train / {VAL} val / {TEST} test clips (half of the test clips "
@@ -279,7 +280,7 @@ def write_outputs(rows: list[dict], metas: list[dict], budget_s: float | None, d
         "summary": summary,
         "rows": [{k: v for k, v in r.items() if k not in ("ranks", "compositional")} for r in rows]}
     dest.write_text(json.dumps(out, indent=1))
-    plot(summary, dest.with_suffix(".png"))
+    plot(summary, png)
 
 
 def markdown(summary: list[dict]) -> str:
@@ -320,6 +321,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/efficiency_sweep"))
     ap.add_argument("--finetune", action="store_true", help="also fine-tune and evaluate QA/MC at budget 1")
     ap.add_argument("--json", type=Path, default=RESULTS / "efficiency_sweep.json")
+    ap.add_argument("--plot", type=Path, default=PLOT)
     ap.add_argument("--table", action="store_true", help="print the README's table from --json and stop")
     ap.add_argument("--summarise-only", action="store_true", help="rewrite --json and the plot from WORK/rows.jsonl")
     args = ap.parse_args()
@@ -349,7 +351,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
         probe = have(kind="probe", candidate="dense")
         budget = round(REFERENCE_STEPS * probe["step_s"], 1) if probe else None
-        write_outputs(rows, [*earlier_meta, finish_meta(dict(meta))], budget, args.json)
+        write_outputs(rows, [*earlier_meta, finish_meta(dict(meta))], budget, args.json, args.plot)
         if row is not None:
             print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "compositional", "step_s_all")}),
                   flush=True)
