@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from evl.errors import ConfigError
@@ -20,7 +21,8 @@ TOKENIZER_VOCAB = 30522   # the packaged MiniLM tokenizer's; run_recipe always t
 
 
 @pytest.mark.parametrize("name,task", [("pretrain-tiny", "pretrain"), ("retrieval-tiny", "retrieval"),
-                                       ("qa-tiny", "qa"), ("mc-tiny", "mc")])
+                                       ("qa-tiny", "qa"), ("mc-tiny", "mc"), ("pretrain-tiny-vtc", "pretrain"),
+                                       ("pretrain-tiny-lit", "pretrain")])
 def test_packaged_recipes_load_with_model_expanded(name, task):
     r = load_recipe(name)
     assert r.task == task
@@ -28,6 +30,13 @@ def test_packaged_recipes_load_with_model_expanded(name, task):
     assert (r.model.video.hidden_size, r.model.video.num_layers, r.model.video.image_size) == (192, 4, 64)
     assert (r.model.text.pretrained, r.model.text.num_layers, r.model.fusion.kind) == ("minilm", 2, "encoder")
     assert r.data.train.startswith("runs/synthvl/annotations/") and r.train.out_dir == f"runs/{name}"
+
+
+def test_efficiency_recipes_values():
+    vtc, lit = load_recipe("pretrain-tiny-vtc"), load_recipe("pretrain-tiny-lit")
+    assert vtc.objectives == lit.objectives == {"vtc": 1.0}
+    assert (vtc.model.text.locked_layers, lit.model.text.locked_layers) == (0, 1)
+    assert load_recipe("pretrain-tiny-lit", ["model.text.locked_layers=2"]).model.text.locked_layers == 2
 
 
 def test_packaged_recipe_values():
@@ -145,6 +154,25 @@ def pretrain_run(one_torch_thread, synthvl, tmp_path_factory, recipe_model):
                                             recipe_model))
         assert cfg.model.video.num_frames == 4 and cfg.model.text.pretrained is None
         return tmp / "run", run_recipe(cfg)
+
+
+def test_lit_recipe_trains_only_above_the_lock(one_torch_thread, synthvl, tmp_path, recipe_model):
+    """A locked text tower leaves training with its weights untouched; the layer above the lock trains."""
+    from evl.checkpoint import load_tensors
+
+    model = {**recipe_model, "text": {**recipe_model["text"], "locked_layers": 1}}
+    cfg = load_recipe("pretrain-tiny-lit", tiny_recipe(synthvl, tmp_path, "pretrain", "pretrain.json",
+                                                       "retrieval_test.json", 3, model)
+                      + ["train.precision=fp32", "train.ckpt_every=1"])
+    assert cfg.objectives == {"vtc": 1.0} and cfg.model.text.locked_layers == 1
+    out = run_recipe(cfg, evaluate=False)
+    first = load_tensors(tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors")
+    first = {k.removeprefix("model."): v for k, v in first.items()}
+    final = load_tensors(Path(out["checkpoint"]) / "model.safetensors")
+    locked = [k for k in final if k.startswith(("text.embeddings.", "text.layers.0."))]
+    above = [k for k in final if k.startswith("text.layers.1.") and k.endswith("weight")]
+    assert locked and all(torch.equal(final[k], first[k]) for k in locked)
+    assert above and any(not torch.equal(final[k], first[k]) for k in above)
 
 
 def test_run_recipe_pretrain_end_to_end(pretrain_run):
