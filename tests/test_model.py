@@ -448,7 +448,7 @@ def test_objective_weights_validation(tiny_model_config):
     m = make_model(tiny_model_config, "encoder")
     with pytest.raises(ConfigError, match="every loss term has weight 0"):
         objective(m, vtc=0, vtm=0)
-    with pytest.raises(ConfigError, match=r"objectives.vtm: the weight must be a number >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"objectives.vtm: the weight must be a finite number >= 0, got -1"):
         objective(m, vtm=-1)
     with pytest.raises(ConfigError, match=r"unknown loss term 'vtn'; did you mean 'vtm'\?"):
         objective(m, vtn=1)

@@ -181,7 +181,7 @@ def test_an_index_refuses_another_model(tmp_path, videos, trained, tiny_model_di
     d["embed_dim"] = 24
     other = tmp_path / "other"
     build_model(d).save_pretrained(other)
-    with pytest.raises(ConfigError, match="width 16.*width 24"):
+    with pytest.raises(ConfigError, match=r"embedding width \(16 vs 24\)"):
         SearchIndex(tmp_path / "idx", other)
     with pytest.raises(ConfigError, match="another model"):
         _build(videos, other, tmp_path / "idx")

@@ -58,7 +58,8 @@ def test_search_thumbnails_and_videos(client, served):
     tmp, caps, _ = served
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text
-    assert client.get("/api/info").json() == {"items": 12, "kind": "exact", "segment": "None", "can_ask": True}
+    assert client.get("/api/info").json() == {"items": 12, "kind": "exact", "segment": "None", "can_ask": True,
+                                              "rebuilt": None}
     hits = client.get("/api/search", params={"q": next(iter(caps.values()))[0], "k": 5}).json()
     assert len(hits) == 5 and all(h["path"].endswith(".mp4") for h in hits)
     thumb = client.get(f"/api/thumbnail/{hits[0]['item']}")

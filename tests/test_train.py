@@ -21,6 +21,7 @@ from evl.train.trainer import (
     NonFiniteLossError,
     TrainConfig,
     Trainer,
+    UnreadableDataError,
     latest_checkpoint,
     unwrap_model,
 )
@@ -241,10 +242,20 @@ def test_none_samples_are_dropped_and_counted(tmp_path):
 
 
 def test_all_none_batches_are_skipped(tmp_path):
+    records = []
+
+    class Keep(Callback):
+        def on_step_end(self, trainer, record):
+            records.append(record)
+
     cfg = cfg_for(tmp_path, max_steps=2, grad_accum=1)
-    res = Trainer(make_model(), loss_fn, NoisyData(n=16, none_at=set(range(16))), cfg, collate_fn=collate).fit()
-    assert res.steps == 2 and res.skipped_samples == 16
-    assert all(r.get("skipped_batch") for r in res.history)
+    # each step is skipped, fewer in a row than train.max_bad_steps: no crash, but no weight changed
+    # either, so the run ends in an error instead of saving the initial model as trained
+    with pytest.raises(UnreadableDataError, match="none of the 2 steps updated the weights"):
+        Trainer(make_model(), loss_fn, NoisyData(n=16, none_at=set(range(16))), cfg, collate_fn=collate,
+                callbacks=[Keep()]).fit()
+    assert len(records) == 2 and records[-1]["skipped_samples"] == 16
+    assert all(r.get("skipped_batch") for r in records)
 
 
 def test_skip_none_collate_default_collate():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from evl.data import MAX_FRAMES
 from evl.errors import EvlError
 
 app = typer.Typer(help="evl: efficient video-language models — synthesise data, pre-train, fine-tune, evaluate, benchmark.",
@@ -263,26 +264,31 @@ def index_videos(
     video_dir: Path = typer.Argument(..., help="Folder of videos (searched recursively; any container FFmpeg reads)."),
     model: Path = typer.Option(..., "--model", help="evl checkpoint folder whose dual encoder embeds the videos."),
     out: Path | None = typer.Option(None, "--out", help="Index folder (default: VIDEO_DIR/.evl-index)."),
-    segment: float | None = typer.Option(None, "--segment", help="Index overlapping segments of this many seconds."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Clips per forward pass."),
+    segment: float | None = typer.Option(
+        None, "--segment", help="Index overlapping segments of this many seconds (>= 0.5; a video it would cut into "
+        "more than 10,000 segments is listed as not indexed)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Clips per forward pass (1-256)."),
     approx_above: int = typer.Option(100_000, "--approx-above", help="Use an approximate (IVF) index above this many items."),
     recall_queries: Path | None = typer.Option(
         None, "--recall-queries", help="Text file, one query per line, to measure an approximate index's recall@10 "
         "(default: packaged generic queries)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Start the index afresh (a damaged one): delete its "
+                                 "meta.sqlite and index.faiss in --out, then encode every video."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
-    """Index (or update the index of) a folder of videos: only new or changed files are encoded."""
+    """Index (or update the index of) a folder of videos: only new or changed files are encoded.
+
+    Safe to kill at any moment: what was committed stays, a re-run goes on, and search never mixes an old
+    vector with a new file (README, "What survives a kill")."""
     import dataclasses
 
     from evl.search.index import build_index
 
     out = out or video_dir / ".evl-index"
     try:
-        if batch_size < 1:
-            raise EvlError(f"--batch-size {batch_size}: must be >= 1")
         with _progress() as bar:
             report = build_index(video_dir, model, out, segment, batch_size, approx_above, progress=bar,
-                                 recall_queries=recall_queries)
+                                 recall_queries=recall_queries, rebuild=rebuild)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:
@@ -291,8 +297,9 @@ def index_videos(
     typer.echo(f"{out}: {report.items} items ({report.kind}"
                + (f", recall@10 {report.recall_at_10:.3f} vs exact on {report.recall_queries} text queries" if report.recall_at_10 is not None else "") + "); "
                f"{len(report.added)} added, {len(report.updated)} updated, {len(report.removed)} removed, "
-               f"{report.unchanged} unchanged, {len(report.failed)} unreadable ({report.seconds:.1f} s)")
-    for path, why in sorted(report.failed.items()):
+               f"{report.unchanged} unchanged, {len(report.failed)} unreadable, {len(report.skipped)} skipped "
+               f"({report.seconds:.1f} s)")
+    for path, why in sorted({**report.failed, **report.skipped}.items()):
         typer.echo(f"  skipped {path}: {why}")
 
 
@@ -320,8 +327,9 @@ class _progress:
 def search(
     index_dir: Path = typer.Argument(..., help="Index folder written by `evl index`."),
     query: str = typer.Argument(..., help="What the video shows, e.g. \"a red square grows\"."),
-    k: int = typer.Option(10, "-k", help="How many results."),
-    rerank: int = typer.Option(0, "--rerank", help="Re-score the dual encoder's top K with the fusion model (0 = off)."),
+    k: int = typer.Option(10, "-k", help="How many results (1-1000)."),
+    rerank: int = typer.Option(0, "--rerank", help="Re-score the dual encoder's top K with the fusion model (0 = off; "
+                               "at most 1000)."),
     model: Path | None = typer.Option(None, "--model", help="Query model (default: the one that built the index)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -331,9 +339,12 @@ def search(
     from evl.search.query import SearchIndex
 
     try:
-        hits = SearchIndex(index_dir, model).search(query, k, rerank)
+        index = SearchIndex(index_dir, model)
+        hits = index.search(query, k, rerank)
     except (EvlError, ValueError) as e:
         _fail(e)
+    if not hits and not as_json:
+        typer.echo(f"no results: {index_dir} holds {len(index)} items" + (" (index some videos first)" if not len(index) else ""))
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(h) for h in hits]))
         return
@@ -371,26 +382,26 @@ def evaluate(
     videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
     fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),
     split: str | None = typer.Option(None, "--split", help="For files that carry splits (MSRVTT_data.json): train, validate or test."),
-    frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the model's)."),
+    frames: int | None = typer.Option(None, "--frames", help=f"Frames per clip, 1 to {MAX_FRAMES} (default: the model's)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass."),
     rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off)."),
-    device: str = typer.Option("auto", "--device", help="auto (GPU if available), cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if available), cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
-    import torch
-
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
     from evl.recipes import evaluate_checkpoint_model, find_answer_vocab
     from evl.tasks.evaluate import EvalSettings
     from evl.tasks.qa import AnswerVocab
     from evl.tasks.registry import get_task
+    from evl.train.dist import pick_device
 
     try:
         spec = get_task(task)
-        if frames is not None and frames < 1:
-            raise EvlError(f"--frames {frames}: must be a positive number of frames (or leave it out for the model's)")
+        if frames is not None and not 1 <= frames <= MAX_FRAMES:
+            raise EvlError(f"--frames {frames}: must be a positive number of frames, at most {MAX_FRAMES} per clip "
+                           "(or leave it out for the model's)")
         if rerank_k < 0:
             raise EvlError(f"--rerank-k {rerank_k}: must be >= 0 (0 switches fusion re-ranking off)")
         if batch_size < 1:
@@ -399,8 +410,7 @@ def evaluate(
             raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
         if not data.is_file():
             raise EvlError(f"--data {data}: no such annotation file")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvlError(f"--device {device}: CUDA is not available in this torch build/machine; use --device cpu")
+        pick_device(device, key="--device")
         model = VideoLanguageModel.from_pretrained(checkpoint)
         vocab = None
         if spec.uses_answer_vocab:

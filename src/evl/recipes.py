@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.data import MAX_FRAMES
 from evl.data.annotations import read_annotations
 from evl.data.check import preflight_videos
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
 from evl.errors import ConfigError
+from evl.losses import parse_objectives
 from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import ANSWERS_FILE, get_task
@@ -41,7 +43,7 @@ class DataConfig:
     format: str | None = None
     split: str | None = None           # for files that carry splits (MSRVTT_data.json): train | validate | test
     test_split: str | None = None      # the split data.test is read with (files that carry splits)
-    num_frames: int | None = None      # default: the model's video.num_frames
+    num_frames: int | None = None      # default: the model's video.num_frames; at most MAX_FRAMES (256)
     max_text_len: int = 32
     backend: Literal["pyav", "decord"] = "pyav"
 
@@ -50,6 +52,8 @@ class DataConfig:
         if self.num_frames is not None and self.num_frames < 1:
             raise ConfigError(f"data.num_frames={self.num_frames}: must be a positive number of frames (a multiple "
                               "of the model's video.tubelet_size); leave it out to use the model's video.num_frames")
+        if self.num_frames is not None and self.num_frames > MAX_FRAMES:
+            raise ConfigError(f"data.num_frames={self.num_frames}: at most {MAX_FRAMES} frames per clip; lower it")
         if self.max_text_len < 1:
             raise ConfigError(f"data.max_text_len={self.max_text_len}: must be a positive number of tokens")
 
@@ -67,6 +71,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)   # an unknown task is an error now, not after the data is read
+        if self.objectives is not None:   # likewise an unknown term or a bad (negative, inf, nan) weight
+            parse_objectives(self.objectives)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:

@@ -45,6 +45,7 @@ from evl.models.frame_prompter import Selection, temperature_at
 from evl.models.frame_qa import FrameQAConfig, FrameQAModel
 from evl.models.qformer import TokenMap
 from evl.recipes import DataConfig
+from evl.train.state import check_out_dir
 from evl.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def load_vlap_recipe(path: str | Path | None, overrides: list[str] | None = None
                           "init= (a frame-QA checkpoint, e.g. the teacher's runs/vlap-teacher-tiny/final)")
     if recipe.distill < 0:
         raise ConfigError(f"distill must be >= 0, got {recipe.distill}")
+    if recipe.batch_size_eval < 1:
+        raise ConfigError(f"batch_size_eval={recipe.batch_size_eval}: must be >= 1 (questions per evaluation batch)")
     if recipe.distill > 0 and not recipe.teacher:
         raise ConfigError(f"distill={recipe.distill} needs teacher= (the all-frames model to distil from); "
                           "set teacher=runs/vlap-teacher-tiny/final or distill=0")
@@ -327,6 +330,8 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
         raise ConfigError("data.train is empty: set it to a QA (or multiple-choice) annotation file")
     ctx = init_distributed(recipe.train.device)
     try:
+        # before anything is written (the feature cache goes under out_dir by default) or extracted
+        check_out_dir(recipe.train.out_dir, resume, recipe.train.overwrite)
         records = read_annotations(recipe.data.train, recipe.data.format, split=recipe.data.split)
         check_task(records, recipe.task, recipe.data.train)
         videos = videos_dir(recipe.data.videos, recipe.data.train, records)

@@ -39,7 +39,12 @@ class VQRecipe:
     teacher: str | None = None        # evl checkpoint folder (semantic target): its video tower, frozen
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    usage_clips: int = 256            # clips encoded at the end to measure codebook usage
+    usage_clips: int = 256            # clips encoded at the end to measure codebook usage (0: none)
+
+    def __post_init__(self) -> None:
+        if self.usage_clips < 0:
+            raise ConfigError(f"usage_clips={self.usage_clips}: must be >= 0 (the clips encoded at the end to "
+                              "measure codebook usage; 0 measures none)")
 
 
 def load_vq_recipe(path: str | Path | None, overrides: list[str] | None = None) -> VQRecipe:

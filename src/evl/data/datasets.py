@@ -10,6 +10,7 @@ DataLoader worker, never shared across processes.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ class VideoTextDataset(Dataset):
         self.clip = clip
         self.text = text
         self.transform = VideoTransform(size=clip.size, train=clip.train)
+        if self.videos_dir is not None:
+            warn_outside_videos_dir(records, self.videos_dir)
 
     @classmethod
     def from_file(cls, annotation: str | Path, videos_dir: str | Path | None, clip: ClipSettings,
@@ -117,6 +120,23 @@ class VideoTextDataset(Dataset):
         # rank or accumulation step it lands in
         sample["seed"] = random.getrandbits(62)
         return sample
+
+
+def warn_outside_videos_dir(records: list[Record], videos_dir: Path) -> int:
+    """Warn once when video paths (`../x.mp4`, or absolute paths) lead outside `videos_dir`: an
+    annotation file can then make a run read any file the user can read. Returns how many do."""
+    root = os.path.abspath(videos_dir)
+    outside = []
+    for r in records:
+        path = os.path.expanduser(r.video)
+        full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            outside.append(r)
+    if outside:
+        log.warning("%d of %d records name a video outside the videos folder %s (the first: %s, path %r); they "
+                    "are read from there. Check the annotation file if that is not meant.", len(outside),
+                    len(records), videos_dir, outside[0].source, outside[0].video)
+    return len(outside)
 
 
 def record_text(record: Record, text: TextMode, train: bool) -> dict[str, Any]:

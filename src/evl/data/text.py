@@ -78,6 +78,14 @@ class Tokenizer:
             raise CheckpointError(f"cannot read {path}: {e}") from e
 
     @property
+    def fingerprint(self) -> str:
+        """sha1 of the tokenizer's full definition (vocabulary, normaliser, specials): equal for a copy
+        read from any folder."""
+        import hashlib
+
+        return hashlib.sha1(self._tok.to_str().encode()).hexdigest()
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

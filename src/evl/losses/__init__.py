@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,8 +65,9 @@ def parse_objectives(spec: Mapping[str, Any], where: str = "objectives") -> dict
             continue
         options = dict(value) if isinstance(value, Mapping) else {"weight": value}
         weight = options.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ConfigError(f"{where}.{name}: the weight must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ConfigError(f"{where}.{name}: the weight must be a finite number >= 0, got {weight!r}; give a finite "
+                              f"weight (e.g. {where}.{name}=1), or 0 to switch the term off")
         if weight > 0:
             parsed[name] = (float(weight), options)
     if not any(TERMS[name].adds_loss for name in parsed):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from evl.config import from_dict, to_dict
+from evl.data import MAX_FRAMES
 from evl.errors import CheckpointError, ConfigError
 from evl.models.frame_prompter import (
     FramePrompter,
@@ -53,7 +55,7 @@ class FrameQAConfig:
     video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    num_candidates: int = 16      # N frames sampled uniformly over the whole video
+    num_candidates: int = 16      # N frames sampled uniformly over the whole video; at most MAX_FRAMES (256)
     num_frames: int = 4           # k frames the answerer sees (= N for select: all)
     select: Literal["all", "uniform", "prompter", "localizer"] = "all"
     question_aware: bool = True   # Frame-Prompter: the question steers the selection (false: frames only)
@@ -72,11 +74,15 @@ class FrameQAConfig:
             raise ConfigError(f"num_candidates ({self.num_candidates}) and num_frames ({self.num_frames}) must be >= 1")
         if self.select == "all":
             self.num_frames = self.num_candidates
+        if self.num_candidates > MAX_FRAMES:
+            raise ConfigError(f"num_candidates={self.num_candidates}: at most {MAX_FRAMES} candidate frames per clip "
+                              "(each is decoded and run through the video tower); lower model.num_candidates")
         if self.num_frames > self.num_candidates:
             raise ConfigError(f"num_frames={self.num_frames} exceeds num_candidates={self.num_candidates}: the "
                               "selector picks k of N candidate frames")
-        if not 0 < self.tau_end <= self.tau_start:
-            raise ConfigError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
+        if not (0 < self.tau_end <= self.tau_start and math.isfinite(self.tau_start)):
+            raise ConfigError(f"need finite Gumbel temperatures 0 < tau_end <= tau_start, got tau_start={self.tau_start}, "
+                              f"tau_end={self.tau_end}; set model.tau_start and model.tau_end (default 1 and 0.01)")
 
 
 @dataclass

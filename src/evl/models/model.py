@@ -30,6 +30,16 @@ from evl.models.video import VideoEncoder, VideoEncoderConfig
 
 __all__ = ["FusionOutput", "ModelConfig", "TextFeatures", "VideoFeatures", "VideoLanguageModel", "build_model"]
 
+# the `kind` other model checkpoints record in their config.json (a video-language model records none),
+# so that passing one where a video-language model is expected says what it is, not `unknown key 'qformer'`
+OTHER_CHECKPOINT_KINDS = {
+    "frame_qa": "a frame-QA model (kind 'frame_qa', from `evl vlap train`; for `evl ask`, `evl vlap eval` and "
+                "`evl serve --ask-model`)",
+    "frame_qa_training": "a Trainer checkpoint of `evl vlap train` (kind 'frame_qa_training')",
+    "vq_tokenizer": "a VQ tokenizer (kind 'vq_tokenizer', from `evl vq train`; for the mvm loss term)",
+    "vq_tokenizer_training": "a Trainer checkpoint of `evl vq train` (kind 'vq_tokenizer_training')",
+}
+
 
 @dataclass
 class ModelConfig:
@@ -126,6 +136,10 @@ class VideoLanguageModel(nn.Module):
         from evl.errors import CheckpointError
 
         cfg = read_config(directory)
+        if cfg.get("kind") is not None:   # only the other model kinds record one (frame-QA, VQ tokenizer)
+            what = OTHER_CHECKPOINT_KINDS.get(cfg["kind"], f"a {cfg['kind']!r} checkpoint")
+            raise CheckpointError(f"{directory} holds {what}, not a video-language model; pass the final/ of "
+                                  "`evl pretrain` or `evl finetune` (e.g. runs/pretrain-tiny/final)")
         if "model" not in cfg:
             raise CheckpointError(f"{directory}/config.json has no 'model' section; was it saved by evl?")
         # build on the meta device first (no memory) and compare with the weights file's header, so an

@@ -30,22 +30,29 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
     fastapi = optional("fastapi")
     from fastapi import Body, HTTPException, Query, Request
     from fastapi import Path as PathParam
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
 
     from evl.errors import EvlError
+    from evl.search.index import IndexDamaged
     from evl.search.query import SearchIndex
 
     index = SearchIndex(index_dir)
     asker = _load_asker(ask_model) if ask_model else None
     app = fastapi.FastAPI(title="evl search", version="1", description="Text search and questions over indexed videos.")
+    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
 
-    @app.middleware("http")
-    async def cap_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the default handler echoes the input back, and JSON cannot carry NaN or Infinity: say it in words
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "input": repr(e.get("input"))[:200]}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(IndexDamaged)
+    async def damaged(request: Request, exc: IndexDamaged) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     class Hit(BaseModel):
         item: int
@@ -73,13 +80,16 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         return {"items": len(index), "kind": index.info.get("kind"), "segment": index.info.get("segment"),
-                "can_ask": asker is not None}
+                "can_ask": asker is not None,
+                "rebuilt": index.rebuilt}
 
     @app.get("/api/search", response_model=list[Hit])
     def search(q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS),
                k: int = Query(10, ge=1, le=MAX_RESULTS), rerank: int = Query(0, ge=0, le=MAX_RESULTS)) -> list[Hit]:
         try:
             return [Hit(**vars(h)) for h in index.search(q, k, rerank)]
+        except IndexDamaged:
+            raise
         except EvlError as e:
             raise HTTPException(400, str(e)) from e
 
@@ -107,11 +117,53 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
         start, end = index.window(body.item)
         try:
             result = asker(path, body.question, start, end)
+        except IndexDamaged:
+            raise
         except EvlError as e:
             raise HTTPException(400, str(e)) from e
         return AskAnswer(**vars(result))
 
     return app
+
+
+class BodyCap:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before the app sees it, whether
+    it announces its length (Content-Length) or not (chunked transfer): the body is counted as it arrives."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)(
+            {"type": "http"}, None, send)
 
 
 def _load_asker(checkpoint: str | Path):

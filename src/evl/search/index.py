@@ -12,14 +12,23 @@ Layout of an index folder:
 Each video's items are committed in one transaction as soon as they are encoded, so an interrupted run
 loses at most the batch in flight and a re-run resumes where it stopped. A re-run encodes only files
 that are new or whose size, mtime or content fingerprint changed, and drops the items of deleted ones.
+
+What survives a kill at any moment: `meta.sqlite` is the truth (SQLite transactions), and index.faiss
+is a cache of it tagged with the `generation` it was built from (a counter every change to `items`
+advances, by trigger, in the same transaction). An opened index whose faiss file is behind, missing or
+unreadable rebuilds its vectors from the stored embeddings, so search never pairs a vector with another
+item's row; item ids are never reused (`next_item_id`), so a server still holding older vectors finds
+either the same item or none. A damaged `meta.sqlite` is reported as such: `evl index --rebuild`.
 The embeddings come from the core's `embed_clips` (the retrieval gallery builder), so search ranks a
 folder exactly as `evl eval --task retrieval` ranks a test set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import struct
@@ -46,7 +55,25 @@ CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY, video_id INTEGER NOT NULL REFERENCES videos(id) ON DELETE CASCADE,
     start REAL, end REAL, thumbnail BLOB, embedding BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS items_video ON items(video_id);
+INSERT OR IGNORE INTO info VALUES ('generation', '0');
+CREATE TRIGGER IF NOT EXISTS items_added AFTER INSERT ON items
+    BEGIN UPDATE info SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END;
+CREATE TRIGGER IF NOT EXISTS items_removed AFTER DELETE ON items
+    BEGIN UPDATE info SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END;
+CREATE TRIGGER IF NOT EXISTS items_changed AFTER UPDATE ON items
+    BEGIN UPDATE info SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END;
 """
+MIN_SEGMENT_S = 0.5              # --segment below it: most videos would become thousands of items
+MAX_SEGMENTS_PER_VIDEO = 10_000  # a video that --segment would cut into more is listed as not indexed
+MAX_BATCH_SIZE = 256             # clips per forward pass (each holds num_frames decoded frames)
+
+
+class IndexDamaged(ConfigError):
+    """meta.sqlite cannot be read: the index must be rebuilt."""
+
+    def __init__(self, index_dir: Path, err: Exception):
+        super().__init__(f"the index {index_dir} is damaged ({DB_FILE}: {err}); rebuild it with `evl index VIDEO_DIR "
+                         f"--model CHECKPOINT --out {index_dir} --rebuild` (every video is encoded again)")
 
 
 @dataclass
@@ -56,6 +83,7 @@ class IndexReport:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     failed: dict[str, str] = field(default_factory=dict)   # path → why it could not be indexed
+    skipped: dict[str, str] = field(default_factory=dict)  # path → why it was not even looked at (name, link)
     items: int = 0
     kind: str = "exact"
     recall_at_10: float | None = None                       # approximate index against exact search, text queries
@@ -88,20 +116,54 @@ def model_fingerprint(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def find_videos(root: Path) -> list[Path]:
-    """Video files under `root` (recursively, by extension), sorted; links that leave `root` are skipped."""
+def printable(path: str | Path) -> str:
+    """A path as text that can always be printed and stored: undecodable bytes as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def find_videos(root: Path, skipped: dict[str, str] | None = None) -> list[Path]:
+    """Video files under `root` (recursively, by extension), sorted. Files that cannot be indexed by name
+    are left out, each with its reason in `skipped`: links that leave `root`, dangling links, link loops,
+    names that are not UTF-8 (the index stores names as text)."""
     real_root = root.resolve()
-    found = []
+    found, skipped = [], skipped if skipped is not None else {}
     for dirpath, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             p = Path(dirpath) / name
             if p.suffix.lower() not in VIDEO_SUFFIXES:
                 continue
-            if not p.resolve().is_relative_to(real_root):
-                log.warning("skipping %s: it links outside %s", p, root)
+            rel = printable(p.relative_to(root))
+            try:
+                str(p.relative_to(root)).encode("utf-8")
+                target = p.resolve(strict=True)
+            except UnicodeEncodeError:
+                skipped[rel] = "the file name is not valid UTF-8; rename it to index it"
+                continue
+            except FileNotFoundError:
+                skipped[rel] = "a link to a file that does not exist"
+                continue
+            except (OSError, RuntimeError) as e:   # a link loop (RuntimeError before Python 3.13)
+                skipped[rel] = f"cannot follow the link: {e}"
+                continue
+            if not target.is_relative_to(real_root):
+                skipped[rel] = f"it links outside {printable(root)}"
+                continue
+            if not target.is_file():
+                skipped[rel] = "not a regular file"
                 continue
             found.append(p)
+    for rel, why in skipped.items():
+        log.warning("skipping %s: %s", rel, why)
     return sorted(found)
+
+
+def segment_count(duration: float, length: float | None) -> int:
+    """How many windows `segments` returns, computed without building them."""
+    if length is None or duration <= length:
+        return 1
+    stride = length / 2
+    n = int(np.floor((duration - length) / stride + 1e-9)) + 1
+    return n + (1 if (n - 1) * stride + length < duration - 1e-6 else 0)
 
 
 def segments(duration: float, length: float | None) -> list[tuple[float | None, float | None]]:
@@ -128,10 +190,37 @@ def png_bytes(rgb: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
-def connect(index_dir: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(index_dir / DB_FILE)
-    db.execute("PRAGMA foreign_keys = ON")
-    db.executescript(SCHEMA)
+def connect(index_dir: Path, read_only: bool = False) -> sqlite3.Connection:
+    """Open an index's meta.sqlite (created when writing), checked page by page: a damaged file raises
+    IndexDamaged. `read_only` (search, serve) never creates or changes the schema and may be shared between
+    threads (the server's, under its lock); it still opens the file for writing where it may, because the
+    first reader after a killed `evl index` must roll back the journal that run left behind."""
+    path = Path(index_dir) / DB_FILE
+    try:
+        if read_only:
+            may_write = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode={'rw' if may_write else 'ro'}", uri=True,
+                                 check_same_thread=False)
+        else:
+            db = sqlite3.connect(path)
+        status = db.execute("PRAGMA quick_check").fetchone()[0]
+        if status != "ok":
+            raise sqlite3.DatabaseError(status)
+        if not read_only:
+            db.execute("PRAGMA foreign_keys = ON")
+            db.executescript(SCHEMA)
+        read_info(db)
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            raise IndexDamaged(Path(index_dir), e) from e
+        if "readonly" in str(e):
+            raise ConfigError(f"{path}: an interrupted `evl index` left its journal ({DB_FILE}-journal), and "
+                              "rolling it back needs write access to the folder; run `evl index` again, or search "
+                              "as a user who may write there") from e
+        raise ConfigError(f"cannot open {path}: {e}; check that the folder exists and you may read "
+                          f"{'' if read_only else 'and write '}it") from e
+    except sqlite3.DatabaseError as e:
+        raise IndexDamaged(Path(index_dir), e) from e
     return db
 
 
@@ -140,57 +229,115 @@ def read_info(db: sqlite3.Connection) -> dict[str, str]:
 
 
 def _check_same_model(info: dict[str, str], fingerprint: str, width: int, checkpoint: Path, index_dir: Path) -> None:
-    if info and info.get("model_fingerprint") != fingerprint:
+    if "model_fingerprint" in info and info["model_fingerprint"] != fingerprint:
         raise ConfigError(
             f"{index_dir} was built with the model {info.get('model')} (fingerprint {info.get('model_fingerprint')}, "
             f"embedding width {info.get('embed_dim')}); {checkpoint} is another model (fingerprint {fingerprint}, "
             f"width {width}). Index into a new folder (--out), or delete {index_dir} to rebuild it")
 
 
+def check_index_options(segment: float | None, batch_size: int, approx_above: int) -> None:
+    """Refuse out-of-range values before anything is read or written."""
+    if segment is not None and not (math.isfinite(segment) and segment >= MIN_SEGMENT_S):
+        raise ConfigError(f"--segment {segment}: must be a number of seconds >= {MIN_SEGMENT_S} (segments overlap "
+                          f"by half; a video is cut into at most {MAX_SEGMENTS_PER_VIDEO} of them)")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"--batch-size {batch_size}: must be between 1 and {MAX_BATCH_SIZE} clips per forward pass")
+    if approx_above < 0:
+        raise ConfigError(f"--approx-above {approx_above}: must be >= 0 (items above it get an approximate index)")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the index folder (or check it) and check that it is writable."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {printable(out)}: is a file, not a folder; name a folder for the index")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".evl-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {printable(out)}: cannot write there ({e.strerror or e}); choose a folder you can "
+                          "write to") from e
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path):
+    """One `evl index` at a time per index folder (an advisory lock the OS drops when the process dies)."""
+    import fcntl
+
+    with (out / ".evl-index.lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConfigError(f"another `evl index` is writing {printable(out)}; wait for it to finish") from e
+        yield
+
+
+def _take_item_ids(db: sqlite3.Connection, n: int) -> list[int]:
+    """n new item ids, never used before in this index (also by deleted items), in the caller's transaction."""
+    recorded = db.execute("SELECT value FROM info WHERE key = 'next_item_id'").fetchone()
+    start = max(int(recorded[0]) if recorded else 1, db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM items").fetchone()[0])
+    db.execute("INSERT OR REPLACE INTO info VALUES ('next_item_id', ?)", (str(start + n),))
+    return list(range(start, start + n))
+
+
 def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None = None, batch_size: int = 16,
                 approx_above: int = 100_000, thumb_size: int = 96,
                 progress: Callable[[int, int, str], None] | None = None,
-                recall_queries: Path | None = None) -> IndexReport:
+                recall_queries: Path | None = None, rebuild: bool = False) -> IndexReport:
     """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint`.
     An approximate index's recall@10 is measured with text queries (what search is asked): the lines of
-    `recall_queries`, or the packaged generic ones."""
-    import torch
-
-    from evl.data.annotations import Record
-    from evl.data.video import load_clip, probe_video
-    from evl.errors import NoDecodableClips, VideoDecodeError
+    `recall_queries`, or the packaged generic ones. `rebuild` starts the index afresh (a damaged one)."""
     from evl.models.model import VideoLanguageModel
-    from evl.tasks.evaluate import EvalSettings, embed_clips
 
     t0 = time.perf_counter()
     root, checkpoint, out = Path(root), Path(checkpoint), Path(out)
     if not root.is_dir():
-        raise ConfigError(f"{root} is not a folder; pass the folder that holds your videos")
-    if segment is not None and segment <= 0:
-        raise ConfigError(f"--segment {segment}: must be a positive number of seconds")
-    if approx_above < 0:
-        raise ConfigError(f"--approx-above {approx_above}: must be >= 0 (items above it get an approximate index)")
+        raise ConfigError(f"{printable(root)} is not a folder; pass the folder that holds your videos")
+    check_index_options(segment, batch_size, approx_above)
     if not (checkpoint / "config.json").is_file():
-        raise ConfigError(f"--model {checkpoint}: not an evl checkpoint folder (no config.json)")
+        raise ConfigError(f"--model {printable(checkpoint)}: not an evl checkpoint folder (no config.json)")
     queries = read_recall_queries(recall_queries)
     model = VideoLanguageModel.from_pretrained(checkpoint).eval()
     fingerprint = model_fingerprint(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    db = connect(out)
+    prepare_out(out)
+    with writer_lock(out):
+        if rebuild:   # only the index's own files: the folder may hold anything else
+            for name in (DB_FILE, DB_FILE + "-journal", INDEX_FILE, INDEX_FILE + ".tmp"):
+                (out / name).unlink(missing_ok=True)
+        db = connect(out)
+        try:
+            return _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, approx_above,
+                           thumb_size, progress, queries, t0)
+        finally:
+            db.close()
+
+
+def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, approx_above, thumb_size,
+            progress, queries, t0) -> IndexReport:
+    import torch
+
+    from evl.data.annotations import Record
+    from evl.data.text import tokenizer_for, tokenizer_name
+    from evl.data.video import load_clip, probe_video
+    from evl.errors import NoDecodableClips, VideoDecodeError
+    from evl.tasks.evaluate import EvalSettings, embed_clips
+
     info = read_info(db)
     _check_same_model(info, fingerprint, model.cfg.embed_dim, checkpoint, out)
-    if info and info.get("segment") != str(segment):
-        raise ConfigError(f"{out} was built with --segment {info.get('segment')}; this run asks for {segment}. "
+    if "model_fingerprint" in info and info.get("segment") != str(segment):
+        raise ConfigError(f"{printable(out)} was built with --segment {info.get('segment')}; this run asks for {segment}. "
                           "Use the same value, or index into a new folder")
-    from evl.data.text import tokenizer_for, tokenizer_name
-
+    tokenizer = tokenizer_for(model.cfg, checkpoint)
     db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
         ("model", str(checkpoint.resolve())), ("model_fingerprint", fingerprint),
-        ("embed_dim", str(model.cfg.embed_dim)), ("tokenizer", tokenizer_name(tokenizer_for(model.cfg, checkpoint))),
-        ("root", str(root.resolve())), ("segment", str(segment))])
+        ("embed_dim", str(model.cfg.embed_dim)), ("tokenizer", tokenizer_name(tokenizer)),
+        ("tokenizer_fingerprint", tokenizer.fingerprint), ("root", str(root.resolve())), ("segment", str(segment)),
+        ("approx_above", str(approx_above))])
     db.commit()
     report = IndexReport()
-    files = {str(p.relative_to(root)): p for p in find_videos(root)}
+    files = {str(p.relative_to(root)): p for p in find_videos(root, report.skipped)}
     known = {row[0]: row[1:] for row in db.execute("SELECT path, size, mtime, fingerprint, id, error FROM videos")}
     for rel in sorted(set(known) - set(files)):
         db.execute("DELETE FROM videos WHERE path = ?", (rel,))
@@ -218,6 +365,11 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         windows: list[tuple[float | None, float | None]] = []
         try:
             meta = probe_video(path)
+            count = segment_count(meta.duration, segment) if math.isfinite(meta.duration) else None
+            if count is None or count > MAX_SEGMENTS_PER_VIDEO:
+                raise VideoDecodeError(path, f"--segment {segment} would cut this {meta.duration} s video into "
+                                       f"{count or 'unboundedly many'} segments (at most {MAX_SEGMENTS_PER_VIDEO}); "
+                                       "index it with a longer --segment")
             windows = segments(meta.duration, segment)
             records = [Record(video=str(path), start=s, end=e, source=rel) for s, e in windows]
             gallery = embed_clips(model, records, None, settings)
@@ -235,22 +387,23 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
         cur = db.execute("INSERT INTO videos (path, size, mtime, fingerprint, duration, fps) VALUES (?, ?, ?, ?, ?, ?)",
                          (rel, st.st_size, st.st_mtime, fp, meta.duration, meta.fps))
         emb = gallery.emb.to(torch.float32).numpy()
-        db.executemany("INSERT INTO items (video_id, start, end, thumbnail, embedding) VALUES (?, ?, ?, ?, ?)",
-                       [(cur.lastrowid, s, e, t, emb[i].tobytes()) for i, ((s, e), t) in enumerate(zip(windows, thumbs, strict=True))])
+        ids = _take_item_ids(db, len(windows))
+        db.executemany("INSERT INTO items (id, video_id, start, end, thumbnail, embedding) VALUES (?, ?, ?, ?, ?, ?)",
+                       [(ids[i], cur.lastrowid, s, e, t, emb[i].tobytes())
+                        for i, ((s, e), t) in enumerate(zip(windows, thumbs, strict=True))])
         db.commit()   # this video is done: an interrupted run does not encode it again
         (report.updated if existed else report.added).append(rel)
     report.failed.update({p: e for p, e in db.execute("SELECT path, error FROM videos WHERE error IS NOT NULL")
                           if p not in report.failed})
+
     def embed_queries() -> np.ndarray:
         from evl.tasks.evaluate import embed_texts
 
-        tok = tokenizer_for(model.cfg, checkpoint)
-        return embed_texts(model, queries, tok, settings).emb.to(torch.float32).numpy()
+        return embed_texts(model, queries, tokenizer, settings).emb.to(torch.float32).numpy()
 
     report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.cfg.embed_dim, approx_above,
                                                                         embed_queries)
     report.recall_queries = len(queries) if report.recall_at_10 is not None else 0
-    db.close()
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
 
@@ -354,7 +507,7 @@ def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above
     from evl.search import optional
 
     faiss = optional("faiss")
-    ids, emb = load_embeddings(db, dim)
+    generation, ids, emb = read_snapshot(db, dim)
     index = make_vector_index(emb, ids, approx_above)
     kind, recall = ("ivf", None) if "IVF" in type(index).__name__ else ("exact", None)
     if kind == "ivf" and queries is not None:
@@ -362,9 +515,48 @@ def write_vector_index(db: sqlite3.Connection, out: Path, dim: int, approx_above
     tmp = out / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / INDEX_FILE)
-    db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [("kind", kind), ("recall_at_10", str(recall))])
+    # a kill between the replace and this commit leaves the tag behind the file: the next open rebuilds
+    db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [("kind", kind), ("recall_at_10", str(recall)),
+                                                                ("vectors_generation", generation)])
     db.commit()
     return len(ids), kind, recall
+
+
+def read_snapshot(db: sqlite3.Connection, dim: int) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """(generation, item ids, embeddings) read in one transaction: the three belong together."""
+    own = not db.in_transaction
+    if own:
+        db.execute("BEGIN")
+    try:
+        row = db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
+        ids, emb = load_embeddings(db, dim)
+    finally:
+        if own:
+            db.execute("COMMIT")
+    return (row[0] if row else None), ids, emb
+
+
+def load_vectors(db: sqlite3.Connection, index_dir: Path, info: dict[str, str]) -> tuple[object, str | None]:
+    """The vector index for the items in `db`: index.faiss when it was built from the current generation
+    of items, else rebuilt in memory from the stored embeddings (returned reason: why)."""
+    from evl.search import optional
+
+    faiss = optional("faiss")
+    dim = int(info["embed_dim"])
+    generation, ids, emb = read_snapshot(db, dim)
+    if generation is not None and info.get("vectors_generation") == generation:
+        try:
+            vectors = faiss.read_index(str(Path(index_dir) / INDEX_FILE))
+            if vectors.d == dim and vectors.ntotal == len(ids):
+                return vectors, None
+            why = f"{INDEX_FILE} holds {vectors.ntotal} vectors of width {vectors.d}, {DB_FILE} {len(ids)} of width {dim}"
+        except (RuntimeError, OSError) as e:   # faiss raises RuntimeError on a missing or malformed file
+            why = f"{INDEX_FILE} is unreadable ({str(e).strip().splitlines()[-1] if str(e).strip() else e})"
+    else:
+        why = f"{INDEX_FILE} is behind {DB_FILE} (an `evl index` run was interrupted, or is running)"
+    log.warning("%s: %s; the vectors were rebuilt from the stored embeddings (run `evl index` to save them)",
+                index_dir, why)
+    return make_vector_index(emb, ids, int(info.get("approx_above", 100_000))), why
 
 
 def iter_failed(report: IndexReport) -> Iterable[str]:

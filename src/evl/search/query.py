@@ -4,20 +4,33 @@ The query is embedded by the index's own model (`info.model`), through the core'
 and looked up in `index.faiss`. `rerank=K` re-scores the dual encoder's top K with the fusion model's
 matching probability, re-decoding those K clips (EgoVLPv2's two-stage retrieval). An index answers only
 queries of the model that built it: another model (other weights, embedding width or tokenizer) is
-refused with both named.
+refused with both named. A damaged index raises IndexDamaged (rebuild with `evl index --rebuild`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from evl.errors import ConfigError
-from evl.search.index import DB_FILE, INDEX_FILE, model_fingerprint, read_info
+from evl.errors import ConfigError, EvlError
+from evl.search.index import (
+    DB_FILE,
+    IndexDamaged,
+    connect,
+    load_vectors,
+    model_fingerprint,
+    printable,
+    read_info,
+)
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 500
 MAX_K = 1000
@@ -33,42 +46,118 @@ class Hit:
     dual_score: float
 
 
+class _Loaded(NamedTuple):
+    """One consistent view of an index: its database connection, metadata, vectors and model."""
+    db: sqlite3.Connection
+    file_id: tuple[int, int]            # (device, inode) of meta.sqlite: a rebuilt index is another file
+    info: dict[str, str]
+    vectors: Any
+    model: Any
+    tokenizer: Any
+    rebuilt: str | None                 # why the vectors were rebuilt from the stored embeddings, if they were
+
+
 class SearchIndex:
-    """An opened index: its metadata, vector index and model, ready for queries."""
+    """An opened index: its metadata, vector index and model, ready for queries.
+
+    A re-index of the folder while it is open (a running server) is picked up at the next query once
+    `evl index` has finished (its vectors saved) or the index file was replaced (`--rebuild`); until
+    then the vectors loaded earlier keep answering, and an item deleted since then is left out of the
+    results (item ids are never reused, so a vector never names another item)."""
 
     def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None):
-        from evl.search import optional
+        self.dir = Path(index_dir)
+        self._model_arg = Path(model_dir) if model_dir is not None else None
+        self._lock = threading.Lock()          # one sqlite connection shared by the server's threads
+        self._reload = threading.Lock()
+        self._refused: tuple | None = None     # the (file, tag) a reload failed on: not retried per query
+        self._state = self._load(None)
 
-        faiss = optional("faiss")
-        from evl.data.text import tokenizer_for, tokenizer_name
+    def _load(self, previous: _Loaded | None) -> _Loaded:
+        from evl.data.text import tokenizer_for
         from evl.models.model import VideoLanguageModel
 
-        self.dir = Path(index_dir)
-        if not (self.dir / DB_FILE).is_file() or not (self.dir / INDEX_FILE).is_file():
-            raise ConfigError(f"{self.dir} is not an evl index (no {DB_FILE} / {INDEX_FILE}); build one with "
+        if not (self.dir / DB_FILE).is_file():
+            raise ConfigError(f"{printable(self.dir)} is not an evl index (no {DB_FILE}); build one with "
                               "`evl index VIDEO_DIR --model CHECKPOINT --out INDEX_DIR`")
-        # one connection shared by the server's worker threads, used under a lock
-        self.db = sqlite3.connect(self.dir / DB_FILE, check_same_thread=False)
-        self._lock = threading.Lock()
-        self.info = read_info(self.db)
-        model_dir = Path(model_dir or self.info["model"])
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"the index's model {model_dir} is gone (no config.json); pass --model with the "
-                              "checkpoint it was built with")
-        self.model = VideoLanguageModel.from_pretrained(model_dir).eval()
-        self.tokenizer = tokenizer_for(self.model.cfg, model_dir)
-        mine = (str(self.model.cfg.embed_dim), tokenizer_name(self.tokenizer), model_fingerprint(model_dir))
-        theirs = (self.info.get("embed_dim"), self.info.get("tokenizer"), self.info.get("model_fingerprint"))
-        if mine != theirs:
+        st = os.stat(self.dir / DB_FILE)
+        db = connect(self.dir, read_only=True)
+        try:
+            info = read_info(db)
+            if "model_fingerprint" not in info:
+                raise ConfigError(f"{printable(self.dir)}: the first `evl index` run into it stopped before it began; "
+                                  "run it again")
+            if previous is not None and previous.info.get("model_fingerprint") == info["model_fingerprint"]:
+                model, tokenizer = previous.model, previous.tokenizer
+            else:
+                model_dir = self._model_arg or Path(info["model"])
+                if not (model_dir / "config.json").is_file():
+                    raise ConfigError(f"the index's model {printable(model_dir)} is gone (no config.json); pass --model "
+                                      "with the checkpoint it was built with (a copy of it is fine)")
+                model = VideoLanguageModel.from_pretrained(model_dir).eval()
+                tokenizer = tokenizer_for(model.cfg, model_dir)
+                self._check_model(info, model, tokenizer, model_dir)
+            vectors, rebuilt = load_vectors(db, self.dir, info)
+        except BaseException:
+            db.close()
+            raise
+        return _Loaded(db, (st.st_dev, st.st_ino), info, vectors, model, tokenizer, rebuilt)
+
+    def _check_model(self, info: dict[str, str], model, tokenizer, model_dir: Path) -> None:
+        """The query model must be the one that built the index: same weights and tokenizer by content
+        (a copied or moved checkpoint is the same model), same embedding width."""
+        mine = {"embedding width": str(model.cfg.embed_dim), "weights fingerprint": model_fingerprint(model_dir),
+                "tokenizer fingerprint": tokenizer.fingerprint}
+        theirs = {"embedding width": info.get("embed_dim"), "weights fingerprint": info.get("model_fingerprint"),
+                  "tokenizer fingerprint": info.get("tokenizer_fingerprint", mine["tokenizer fingerprint"])}
+        differ = [k for k in mine if mine[k] != theirs[k]]
+        if differ:
             raise ConfigError(
-                f"{self.dir} was built by {self.info.get('model')} (embedding width {theirs[0]}, tokenizer {theirs[1]}, "
-                f"fingerprint {theirs[2]}); the query model {model_dir} has width {mine[0]}, tokenizer {mine[1]}, "
-                f"fingerprint {mine[2]}. Query with the model that built the index, or re-index with this one")
-        self.vectors = faiss.read_index(str(self.dir / INDEX_FILE))
-        self.root = Path(self.info["root"])
+                f"{printable(self.dir)} was built by {info.get('model')}; the query model {printable(model_dir)} differs in "
+                + ", ".join(f"{k} ({theirs[k]} vs {mine[k]})" for k in differ)
+                + ". Query with the model that built the index, or re-index with this one")
+
+    def _current(self) -> _Loaded:
+        """The loaded view, reloaded first when the index on disk has moved on (see the class doc)."""
+        state = self._state
+        try:
+            st = os.stat(self.dir / DB_FILE)
+            with self._lock:
+                row = state.db.execute("SELECT value FROM info WHERE key = 'vectors_generation'").fetchone()
+        except (OSError, sqlite3.Error):
+            return state                       # being rebuilt right now: keep answering from what is loaded
+        sig = ((st.st_dev, st.st_ino), row[0] if row else None)
+        if sig == (state.file_id, state.info.get("vectors_generation")) or sig == self._refused:
+            return state
+        with self._reload:
+            if self._state is not state:
+                return self._state
+            try:
+                self._state = self._load(state)
+            except EvlError as e:
+                log.warning("%s changed on disk but cannot be loaded (%s); still answering from the earlier index",
+                            self.dir, e)
+                self._refused = sig
+            return self._state
+
+    def _rows(self, state: _Loaded, sql: str, params: tuple) -> list[tuple]:
+        with self._lock:
+            try:
+                return state.db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise IndexDamaged(self.dir, e) from e
+
+    @property
+    def info(self) -> dict[str, str]:
+        return self._current().info
+
+    @property
+    def rebuilt(self) -> str | None:
+        """Why the vectors in use were rebuilt from the stored embeddings (None: index.faiss was current)."""
+        return self._current().rebuilt
 
     def __len__(self) -> int:
-        return int(self.vectors.ntotal)
+        return int(self._current().vectors.ntotal)
 
     def search(self, query: str, k: int = 10, rerank: int = 0) -> list[Hit]:
         import torch
@@ -76,59 +165,62 @@ class SearchIndex:
         from evl.tasks.evaluate import EvalSettings, embed_texts
 
         check_query(query, k, rerank)
-        text = embed_texts(self.model, [query], self.tokenizer, EvalSettings(device="cpu"), keep_tokens=rerank > 0)
+        state = self._current()
+        if state.vectors.ntotal == 0:
+            return []
+        text = embed_texts(state.model, [query], state.tokenizer, EvalSettings(device="cpu"), keep_tokens=rerank > 0)
         q = text.emb.float().numpy()
-        shortlist = max(k, rerank)
-        scores, ids = self.vectors.search(np.ascontiguousarray(q, dtype=np.float32), min(shortlist, len(self)))
-        hits = [self._hit(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-        if rerank and hits and self.model.has_fusion:
+        shortlist = min(max(k, rerank), int(state.vectors.ntotal))
+        scores, ids = state.vectors.search(np.ascontiguousarray(q, dtype=np.float32), shortlist)
+        found = [int(i) for i in ids[0] if i >= 0]
+        rows = {r[0]: r[1:] for r in self._rows(
+            state, "SELECT i.id, v.path, i.start, i.end FROM items i JOIN videos v ON v.id = i.video_id "
+            f"WHERE i.id IN ({','.join('?' * len(found))})", tuple(found))}
+        # an item deleted by a re-index still running is left out (ids are never reused)
+        hits = [Hit(int(i), *rows[int(i)], float(s), float(s)) for s, i in zip(scores[0], ids[0], strict=True)
+                if int(i) in rows]
+        if rerank and hits and state.model.has_fusion:
             with torch.no_grad():
-                hits = self._rerank(text, hits[:rerank]) + hits[rerank:]
+                hits = self._rerank(state, text, hits[:rerank]) + hits[rerank:]
         return hits[:k]
-
-    def _row(self, sql: str, item: int) -> tuple | None:
-        with self._lock:
-            return self.db.execute(sql, (item,)).fetchone()
-
-    def _hit(self, item: int, score: float) -> Hit:
-        path, start, end = self._row("SELECT v.path, i.start, i.end FROM items i JOIN videos v ON v.id = i.video_id "
-                                     "WHERE i.id = ?", item)
-        return Hit(item, path, start, end, score, score)
 
     def window(self, item: int) -> tuple[float | None, float | None]:
         """(start, end) seconds of a segment item; (None, None) for a whole video."""
-        row = self._row("SELECT start, end FROM items WHERE id = ?", item)
-        return (row[0], row[1]) if row else (None, None)
+        rows = self._rows(self._current(), "SELECT start, end FROM items WHERE id = ?", (item,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
-    def _rerank(self, text, hits: list[Hit]) -> list[Hit]:
-        from evl.data.annotations import Record
-        from evl.tasks.evaluate import EvalSettings, embed_clips
-
-        records = [Record(video=str(self.root / h.path), start=h.start, end=h.end) for h in hits]
-        gallery = embed_clips(self.model, records, None, EvalSettings(device="cpu"), keep_tokens=True)
-        from evl.data.datasets import clip_key
-
-        where = {key: i for i, key in enumerate(gallery.keys)}
-        keep = [(h, where[clip_key(r)]) for h, r in zip(hits, records, strict=True) if clip_key(r) in where]
+    def _rerank(self, state: _Loaded, text, hits: list[Hit]) -> list[Hit]:
         import torch
 
+        from evl.data.annotations import Record
+        from evl.data.datasets import clip_key
+        from evl.tasks.evaluate import EvalSettings, embed_clips
+
+        root = Path(state.info["root"])
+        records = [Record(video=str(root / h.path), start=h.start, end=h.end) for h in hits]
+        gallery = embed_clips(state.model, records, None, EvalSettings(device="cpu"), keep_tokens=True)
+        where = {key: i for i, key in enumerate(gallery.keys)}
+        keep = [(h, where[clip_key(r)]) for h, r in zip(hits, records, strict=True) if clip_key(r) in where]
         rows = torch.tensor([i for _, i in keep])
-        logits = self.model.score_pairs(gallery.features.select(rows), text.select(torch.zeros(len(keep), dtype=torch.long)))
+        logits = state.model.score_pairs(gallery.features.select(rows),
+                                         text.select(torch.zeros(len(keep), dtype=torch.long)))
         prob = logits.float().softmax(dim=-1)[:, 1].tolist()
         reranked = [Hit(h.item, h.path, h.start, h.end, p, h.dual_score) for (h, _), p in zip(keep, prob, strict=True)]
         return sorted(reranked, key=lambda h: -h.score)
 
     def thumbnail(self, item: int) -> bytes | None:
-        row = self._row("SELECT thumbnail FROM items WHERE id = ?", item)
-        return row[0] if row else None
+        rows = self._rows(self._current(), "SELECT thumbnail FROM items WHERE id = ?", (item,))
+        return rows[0][0] if rows else None
 
     def video_path(self, item: int) -> Path | None:
         """The file of an indexed item: only paths stored at indexing time, resolved under the root."""
-        row = self._row("SELECT v.path FROM items i JOIN videos v ON v.id = i.video_id WHERE i.id = ?", item)
-        if row is None:
+        state = self._current()
+        rows = self._rows(state, "SELECT v.path FROM items i JOIN videos v ON v.id = i.video_id WHERE i.id = ?", (item,))
+        if not rows:
             return None
-        path = (self.root / row[0]).resolve()
-        return path if path.is_relative_to(self.root.resolve()) and path.is_file() else None
+        root = Path(state.info["root"])
+        path = (root / rows[0][0]).resolve()
+        return path if path.is_relative_to(root.resolve()) and path.is_file() else None
 
 
 def check_query(query: str, k: int, rerank: int) -> None:

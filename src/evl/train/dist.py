@@ -61,23 +61,25 @@ class DistContext:
             self.owns_group = False
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` → this rank's device; anything else, or a GPU this machine does
+    not have, is a ConfigError naming `key` (the recipe key or CLI option the value came from)."""
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"train.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device={device!r}: evl trains on cpu or cuda; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{key}={device!r}: evl runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"train.device={device!r} but this machine has no usable CUDA GPU "
-                              f"(torch {torch.__version__}); use train.device=auto or cpu")
+            raise ConfigError(f"{key}={device!r} but this machine has no usable CUDA GPU "
+                              f"(torch {torch.__version__}); use {key}=auto or cpu")
         dev = torch.device(f"cuda:{local_rank}") if dev.index is None else dev
         if dev.index >= count:
-            raise ConfigError(f"train.device={device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+            raise ConfigError(f"{key}={device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
     return dev
 
 
@@ -88,7 +90,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False

@@ -51,6 +51,8 @@ __all__ = ["Progress", "check_out_dir", "clear_checkpoints", "latest_checkpoint"
 
 LATEST = "latest.json"
 STATE_FILE = "trainer_state.json"
+FINAL_DIR = "final"            # what a finished run leaves beside its checkpoints (recipes, vq, vlap)
+SUMMARY_FILE = "summary.json"
 
 
 AUX_FILE = "aux.safetensors"
@@ -64,6 +66,7 @@ class Progress:
     `train.grad_accum`, so a run may resume with a different accumulation."""
 
     step: int = 0
+    updates: int = 0   # steps whose optimizer update ran (not skipped as non-finite or without data)
     epoch: int = 0
     samples_in_epoch: int = 0
     skipped_samples: int = 0
@@ -159,8 +162,9 @@ def _prune(root: Path, keep_last: int, current: Path) -> None:
 
 
 def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: `out_dir` must be writable, and a fresh run (no `resume`) must not mix its
-    checkpoints with another run's. Raises ConfigError naming the folder and the ways out."""
+    """Before any work: `out_dir` must be writable, and a fresh run (no `resume`) must not mix with, or
+    replace, another run's output: its checkpoints, or its `final/` and `summary.json` when the
+    checkpoints were deleted. Raises ConfigError naming the folder, what is there and the ways out."""
     out = Path(out_dir)
     probe = out / f".evl-write-probe-{os.getpid()}"
     try:
@@ -170,14 +174,21 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
     except OSError as e:
         raise ConfigError(f"train.out_dir={out} cannot be written ({e.strerror or e}); nothing was trained. "
                           "Choose a folder you can write to (train.out_dir=...).") from None
-    root = checkpoint_root(out)
-    if resume or overwrite or not root.is_dir():
+    if overwrite:
         return
-    old = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    root = checkpoint_root(out)
+    old = sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
     if old or (root / LATEST).is_file():
+        if resume:
+            return
         raise ConfigError(f"train.out_dir={out} holds another run's checkpoints ({', '.join(old[-2:]) or LATEST}); "
                           "a new run there would mix with them. Continue that run with --resume, choose a new "
                           "train.out_dir, or pass train.overwrite=true to delete them.")
+    earlier = [name for name in (FINAL_DIR, SUMMARY_FILE) if (out / name).exists()]
+    if earlier:
+        raise ConfigError(f"train.out_dir={out} holds an earlier run's output ({', '.join(earlier)}) and no checkpoint"
+                          f"{' to resume from' if resume else ''}; a new run would replace it. Choose a new "
+                          "train.out_dir, or pass train.overwrite=true to replace it.")
 
 
 def clear_checkpoints(out_dir: str | Path) -> None:
@@ -300,6 +311,8 @@ def load_training_checkpoint(ctx: DistContext, model: nn.Module, optimizer: torc
                     ckpt, ctx.rank)
     fields = Progress.__dataclass_fields__
     progress = Progress(**{k: v for k, v in state.items() if k in fields})
+    if "updates" not in state:   # written before updates were counted: every step but the non-finite ones
+        progress.updates = max(progress.step - progress.nonfinite_steps, 0)
     if "micro_in_epoch" in state and "samples_in_epoch" not in state:   # written before samples were counted
         accum = int(state.get("train_config", {}).get("grad_accum", 1))
         progress.samples_in_epoch = int(state["micro_in_epoch"]) * int(state.get("global_batch", 0)) // max(accum, 1)

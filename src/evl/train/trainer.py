@@ -373,6 +373,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, record)
             del batches, loader  # shuts DataLoader workers down before the next epoch's start
+        if progress.updates == 0:
+            self._refuse_untrained(progress)
         if last_saved != progress.step:
             last_path = self._save(progress)
         final = {k: v for k, v in history[-1].items() if k in self._loss_keys} if history else {}
@@ -486,6 +488,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * factor * g.get("lr_mult", 1.0)
             opt.step()
+            progress.updates += 1
             progress.consecutive_nonfinite = 0
         opt.zero_grad(set_to_none=True)
         record.update(losses, lr=cfg.lr * factor, grad_norm=grad_norm)
@@ -503,6 +506,15 @@ class Trainer:
                    "Run `evl data check` on the annotation file to list them.")
 
     _skip_warned = False
+
+    def _refuse_untrained(self, progress: Progress) -> None:
+        """A run whose every step was skipped (each fewer in a row than the stop limits) changed no weight:
+        ending it as a success would save the initial model as if it were trained."""
+        error = NonFiniteLossError if progress.nonfinite_steps else UnreadableDataError
+        raise error(f"none of the {progress.step} steps updated the weights ({progress.nonfinite_steps} had a "
+                    "non-finite loss or gradient, the others no decodable sample); stopping without saving an "
+                    "untrained model. Check the objectives' weights and train.lr, use precision=fp32, or check "
+                    "the data (the warnings above name the videos).")
 
     def _skip_nonfinite(self, progress: Progress, loss: float, grad_norm: float) -> None:
         progress.nonfinite_steps += 1
