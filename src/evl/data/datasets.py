@@ -202,7 +202,8 @@ class Collator:
         """Token ids of the text, QA answers (and their ids), multiple-choice options of the samples."""
         batch: dict[str, Any] = {}
         if "text" in samples[0]:
-            tok = self.tokenizer([s["text"] for s in samples], max_length=self.max_text_len)
+            batch["texts"] = [s["text"] for s in samples]   # the strings, for transforms that rewrite them
+            tok = self.tokenizer(batch["texts"], max_length=self.max_text_len)
             batch["input_ids"], batch["attention_mask"] = tok.input_ids, tok.attention_mask
         if "answer" in samples[0]:
             batch["answers"] = [s["answer"] for s in samples]

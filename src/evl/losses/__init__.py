@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evl.errors import ConfigError
+from evl.losses.compositional import NegVTCTerm, NegVTMTerm
 from evl.losses.mae import VideoMAETerm
 from evl.losses.mvm import MVMTerm
 from evl.losses.sparsify import SparsifyTerm
@@ -31,8 +32,8 @@ from evl.losses.terms import (
 from evl.models.fusion import FUSIONS
 
 TERMS: dict[str, type[LossTerm]] = {
-    cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, MLMTerm, QATerm, MCTerm, VideoMAETerm, MVMTerm,
-                              SparsifyTerm)
+    cls.name: cls for cls in (VTCTerm, EgoNCETerm, VTMTerm, NegVTCTerm, NegVTMTerm, MLMTerm, QATerm, MCTerm,
+                              VideoMAETerm, MVMTerm, SparsifyTerm)
 }
 
 __all__ = ["TERMS", "LossTerm", "TermContext", "build_terms", "parse_objectives", "term_names"]
