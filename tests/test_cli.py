@@ -60,7 +60,7 @@ def test_bench_model_table_and_frames(model_yaml):
 def test_bench_model_bad_batch_sizes(model_yaml, sizes):
     result = runner.invoke(app, ["bench", "model", str(model_yaml), "--batch-sizes", sizes])
     assert result.exit_code == 2
-    assert f"--batch-sizes must list positive integers, got {sizes!r}" in result.output
+    assert f"--batch-sizes must list integers from 1 to 256, separated by commas (e.g. 1,4), got {sizes!r}" in result.output
 
 
 def test_bench_model_bad_precision(model_yaml):
@@ -98,7 +98,7 @@ def test_synth_and_data_check(tmp_path):
     check = json.loads(result.stdout)
     assert (check["records"], check["videos"], check["ok"], check["missing"], check["undecodable"]) == (4, 4, 4, 0, 0)
     result = runner.invoke(app, ["synth", str(tmp_path / "t"), "--clips", "0"])
-    assert result.exit_code == 2 and "error: clips must be an integer >= 1, got 0" in result.output
+    assert result.exit_code == 2 and "error: clips must be an integer between 1 and 100000, got 0" in result.output
 
 
 # ------------------------------------------------------------------ pretrain / finetune / eval

@@ -216,12 +216,18 @@ def test_absurd_config_json_is_refused_before_allocating(tmp_path, model):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["model"]["text"]["vocab_size"] = 10**12
     (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"does not describe the weights .*vocab|word_embeddings"):
+    # refused by the config's bound (evl.config.MAX_COUNT) before any shape is compared or allocated
+    expected = "config.json: text.vocab_size=1000000000000: must be between 1 and 1000000"
+    with pytest.raises(CheckpointError, match=expected):
         VideoLanguageModel.from_pretrained(saved)
     data = tmp_path / "r.json"
     data.write_text('[{"video": "a.mp4", "caption": "a red ball"}]')
     result = runner.invoke(app, ["eval", str(saved), "--task", "retrieval", "--data", str(data)])
-    assert "does not describe the weights" in _error(result)
+    assert expected in _error(result)
+    cfg["model"]["text"]["vocab_size"] = 1000   # within bounds, but not what the weights hold
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"does not describe the weights .*vocab|word_embeddings"):
+        VideoLanguageModel.from_pretrained(saved)
 
 
 def test_a_hand_edited_trainer_state_is_named(tmp_path, synthvl, model):
@@ -294,7 +300,7 @@ def test_eval_rejects_out_of_range_options(tmp_path):
     data = tmp_path / "a.json"
     data.write_text("[]")
     for args, message in ((["--frames", "0"], "--frames 0: must be a positive"),
-                          (["--rerank-k", "-1"], "--rerank-k -1: must be >= 0")):
+                          (["--rerank-k", "-1"], "--rerank-k -1: must be between 0 and 100000")):
         result = runner.invoke(app, ["eval", str(tmp_path), "--task", "retrieval", "--data", str(data), *args])
         assert result.exit_code == 2 and message in result.output, result.output
 

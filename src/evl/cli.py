@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from evl.data import MAX_FRAMES
+from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.errors import EvlError
 
 app = typer.Typer(help="evl: efficient video-language models — synthesise data, pre-train, fine-tune, evaluate, benchmark.",
@@ -28,6 +28,9 @@ app.add_typer(vlap_app, name="vlap")
 app.add_typer(bench_app, name="bench")
 
 
+MAX_BENCH_BATCH = 256   # `evl bench model --batch-sizes`: clips of one timed forward pass
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -36,10 +39,10 @@ def _fail(err: Exception) -> None:
 @app.command()
 def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write videos/ and annotations/ into."),
-    clips: int = typer.Option(200, "--clips", help="Number of clips to generate."),
+    clips: int = typer.Option(200, "--clips", help=f"Number of clips to generate (1 to {MAX_SYNTH_CLIPS})."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files."),
-    frames: int = typer.Option(16, "--frames", help="Frames per clip (T)."),
-    size: int = typer.Option(64, "--size", help="Frame side in pixels (S×S, even)."),
+    frames: int = typer.Option(16, "--frames", help=f"Frames per clip (T, 4 to {MAX_FRAMES})."),
+    size: int = typer.Option(64, "--size", help=f"Frame side in pixels (S×S, even, 16 to {MAX_SYNTH_SIZE})."),
 ) -> None:
     """Generate the SynthVL benchmark: mp4 clips plus retrieval/QA/multiple-choice annotations."""
     from evl.data.synthetic import write_synthvl
@@ -48,6 +51,9 @@ def synth(
         summary = write_synthvl(out_dir, clips=clips, seed=seed, frames=frames, size=size)
     except (EvlError, ValueError) as e:
         _fail(e)
+    except OSError as e:
+        _fail(EvlError(f"OUT_DIR {out_dir}: cannot write there ({e.strerror or e}: {e.filename}); choose a folder "
+                       "you can write to"))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -93,9 +99,9 @@ def data_formats() -> None:
 @bench_app.command("model")
 def bench_model(
     config: str = typer.Argument(..., help="Model config: a packaged name (tiny, small, base, tiny-backbone) or a YAML file."),
-    frames: int | None = typer.Option(None, "--frames", help="Frames per clip (default: the config's num_frames)."),
-    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes for latency/throughput."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed runs per batch size (after 2 warm-up runs); the median is reported."),
+    frames: int | None = typer.Option(None, "--frames", help=f"Frames per clip, 1 to {MAX_FRAMES} (default: the config's num_frames)."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help=f"Comma-separated batch sizes for latency/throughput (each 1 to {MAX_BENCH_BATCH})."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs per batch size, 1 to 1000 (after 2 warm-up runs); the median is reported."),
     device: str = typer.Option("cpu", "--device", help="Device for latency/throughput (cpu, cuda)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast) for the timed runs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -104,13 +110,24 @@ def bench_model(
     from evl.config import load_yaml
     from evl.efficiency import efficiency_report, format_report
     from evl.models.model import build_model
+    from evl.train.dist import pick_device
 
     try:
-        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
-        if not sizes or min(sizes) < 1:
-            raise ValueError(f"--batch-sizes must list positive integers, got {batch_sizes!r}")
+        try:
+            sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1 or max(sizes) > MAX_BENCH_BATCH:
+            raise ValueError(f"--batch-sizes must list integers from 1 to {MAX_BENCH_BATCH}, separated by commas "
+                             f"(e.g. 1,4), got {batch_sizes!r}")
+        if frames is not None and not 1 <= frames <= MAX_FRAMES:
+            raise ValueError(f"--frames {frames}: must be between 1 and {MAX_FRAMES} frames per clip (or leave it out "
+                             "for the config's num_frames)")
+        if not 1 <= repeats <= 1000:
+            raise ValueError(f"--repeats {repeats}: must be between 1 and 1000 timed runs")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        device = str(pick_device(device, key="--device"))
         model = build_model(load_yaml(config, "models"))
         report = efficiency_report(model, config, frames=frames, batch_sizes=sizes, repeats=repeats,
                                    device=device, precision=precision)
@@ -383,8 +400,8 @@ def evaluate(
     fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),
     split: str | None = typer.Option(None, "--split", help="For files that carry splits (MSRVTT_data.json): train, validate or test."),
     frames: int | None = typer.Option(None, "--frames", help=f"Frames per clip, 1 to {MAX_FRAMES} (default: the model's)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass."),
-    rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Clips per forward pass (1-100000)."),
+    rerank_k: int = typer.Option(16, "--rerank-k", help="Retrieval: re-rank the dual top-k with the fusion score (0 = off; at most 100000)."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if available), cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
@@ -402,10 +419,10 @@ def evaluate(
         if frames is not None and not 1 <= frames <= MAX_FRAMES:
             raise EvlError(f"--frames {frames}: must be a positive number of frames, at most {MAX_FRAMES} per clip "
                            "(or leave it out for the model's)")
-        if rerank_k < 0:
-            raise EvlError(f"--rerank-k {rerank_k}: must be >= 0 (0 switches fusion re-ranking off)")
-        if batch_size < 1:
-            raise EvlError(f"--batch-size {batch_size}: must be >= 1")
+        if not 0 <= rerank_k <= 100_000:
+            raise EvlError(f"--rerank-k {rerank_k}: must be between 0 and 100000 (0 switches fusion re-ranking off)")
+        if not 1 <= batch_size <= 100_000:
+            raise EvlError(f"--batch-size {batch_size}: must be between 1 and 100000")
         if not (checkpoint / "config.json").is_file():
             raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
         if not data.is_file():
@@ -434,7 +451,7 @@ def evaluate(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder for data, checkpoints and report."),
-    clips: int = typer.Option(500, "--clips", help="SynthVL clips to generate."),
+    clips: int = typer.Option(500, "--clips", help=f"SynthVL clips to generate (60 to {MAX_SYNTH_CLIPS})."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="Pre-training steps (default: the recipe's)."),
     retrieval_steps: int | None = typer.Option(None, "--retrieval-steps", help="Retrieval fine-tuning steps."),
@@ -450,8 +467,11 @@ def quickstart(
         run_quickstart(out=out, clips=clips, seed=seed, pretrain_steps=pretrain_steps,
                        retrieval_steps=retrieval_steps, qa_steps=qa_steps,
                        pretrain_recipe=pretrain_recipe or PRETRAIN_RECIPE)
-    except EvlError as e:
+    except (EvlError, ValueError) as e:
         _fail(e)
+    except OSError as e:
+        _fail(EvlError(f"--out {out}: cannot write there ({e.strerror or e}: {e.filename}); choose a folder you can "
+                       "write to"))
 
 
 if __name__ == "__main__":

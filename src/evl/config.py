@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,8 +21,38 @@ from evl.errors import ConfigError
 
 T = TypeVar("T")
 
+# Upper bounds on the config sizes that allocate memory: a typed value past one (an extra 0, a wrong key) is a
+# ConfigError naming the key, never an out-of-memory kill. Widths: hidden/intermediate sizes, embed_dim,
+# code_dim, prompter_width; counts: text vocabulary, answer classes, VQ codes; tokens: one clip's video tokens.
+MAX_WIDTH = 16_384
+MAX_LAYERS = 256
+MAX_COUNT = 1_000_000
+MAX_POSITIONS = 8_192
+MAX_VIDEO_TOKENS = 65_536
+MAX_WORKERS = 64
+
+
+def check_range(key: str, value: float, low: float, high: float | None = None, what: str = "") -> None:
+    """ConfigError `key=value: must be between low and high` (`>= low` without `high`) unless it is.
+    `what` ends the message: what the value is, or what to do."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{key}={value}: must be {bound}{what}")
+
+
 # keys of earlier versions, and where their setting lives now
 MOVED_KEYS = {"mlm_prob": "set the MLM masking rate as objectives: {mlm: {weight: 1, mask_prob: 0.15}}"}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 6
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: repr, cut short (a YAML alias can make a list of billions)."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -36,7 +67,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {typ.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {typ.__name__}, got {_show(value)}")
         return from_dict(typ, value, where=where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(typ)
@@ -50,18 +81,18 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {_show(value)}")
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         (arg,) = typing.get_args(typ)[:1] or (Any,)
         items = [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict or typ is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
         args = typing.get_args(typ)
         if len(args) == 2:
             return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
@@ -69,7 +100,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(typ)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{where}: {_show(value)} is not one of {list(allowed)}")
         return value
     if typ is Any:
         return value
@@ -80,28 +111,28 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if typ is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}") from None
         if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         return int(value) if isinstance(value, int) else int(f)
     if typ is float:
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
         if math.isnan(f):
             raise ConfigError(f"{where}: expected a number, got NaN")
         return f
     if typ is str:
         if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return str(value)
     return value
 
@@ -109,14 +140,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a dict; unknown keys raise ConfigError with a suggestion."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {_show(key)} ({type(key).__name__}) is not a name; keys are names such as "
+                              f"{', '.join(sorted(fields)[:3])}")
         if key not in fields:
             moved = MOVED_KEYS.get(key)
-            raise ConfigError(f"{where}: unknown key {key!r}"
+            raise ConfigError(f"{where}: unknown key {_show(key)}"
                               + (f"; it moved: {moved}" if moved else _suggest(key, list(fields))))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
@@ -148,9 +182,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
+        except yaml.constructor.ConstructorError as e:   # a key given twice: not a plain string either
+            raise ConfigError(f"override {_show(item)}: {_yaml_problem(e)}") from None
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError(f"override {key}=...: the value is nested too deeply") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -207,6 +245,34 @@ def resolve_config_path(name_or_path: str | Path, kind: str = "recipes") -> Path
                       f"packaged: {', '.join(names)}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` merges, it is no key of its own
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_show(key)} is given twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark)
+                seen[key] = line
+            except TypeError:   # unhashable ([a]: b); the base class says so with its position
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: what is wrong and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def load_yaml(path: str | Path, kind: str = "recipes", _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping; a file may name a `base:` config (same kind) whose keys it overrides."""
     path = resolve_config_path(path, kind)
@@ -214,12 +280,21 @@ def load_yaml(path: str | Path, kind: str = "recipes", _seen: tuple[Path, ...] =
         chain = " -> ".join(str(s) for s in (*_seen, path.resolve()))
         raise ConfigError(f"{path}: `base:` refers back to itself ({chain}); remove the cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the YAML as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must name one config (a packaged name or a YAML path), got {_show(base)}")
     if base:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
         data = deep_merge(load_yaml(base_path if base_path.is_file() else base, kind,

@@ -146,6 +146,7 @@ def pretrain_recipe_checked(name: str):
 def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: int | None = None,
                    retrieval_steps: int | None = None, qa_steps: int | None = None,
                    pretrain_recipe: str = PRETRAIN_RECIPE) -> dict:
+    from evl.data import MAX_SYNTH_CLIPS
     from evl.data.check import check_annotations
     from evl.data.synthetic import write_synthvl
     from evl.data.text import tokenizer_for
@@ -157,6 +158,14 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     if clips < 60:
         raise EvlError(f"--clips {clips} is too few: the fine-tuning recipes need at least one batch of 32 "
                        "training clips (70% of --clips); use --clips 60 or more (default 500)")
+    if clips > MAX_SYNTH_CLIPS:
+        raise EvlError(f"--clips {clips}: at most {MAX_SYNTH_CLIPS} SynthVL clips")
+    if seed < 0:
+        raise EvlError(f"--seed {seed}: must be a non-negative integer")
+    for option, steps in (("--pretrain-steps", pretrain_steps), ("--retrieval-steps", retrieval_steps),
+                          ("--qa-steps", qa_steps)):
+        if steps is not None and steps < 1:   # refused now, not after minutes of synthesis and training
+            raise EvlError(f"{option} {steps}: must be >= 1 training steps (or leave it out for the recipe's)")
     pre_cfg = pretrain_recipe_checked(pretrain_recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

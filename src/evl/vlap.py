@@ -332,6 +332,12 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
     try:
         # before anything is written (the feature cache goes under out_dir by default) or extracted
         check_out_dir(recipe.train.out_dir, resume, recipe.train.overwrite)
+        if recipe.feature_cache:   # a file there would fail only after every clip was decoded
+            try:
+                Path(recipe.feature_cache).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"feature_cache={recipe.feature_cache} cannot be made a folder ({e.strerror or e}); "
+                                  "name a folder for the extracted features, or leave it out (out_dir/features)") from None
         records = read_annotations(recipe.data.train, recipe.data.format, split=recipe.data.split)
         check_task(records, recipe.task, recipe.data.train)
         videos = videos_dir(recipe.data.videos, recipe.data.train, records)

@@ -5,3 +5,8 @@
 # hundred per clip exhausts memory instead of failing. Here, not in `video.py`, so that the CLI can
 # state it in `--help` without importing torch.
 MAX_FRAMES = 256
+
+# The largest SynthVL `evl synth` writes: clips are planned in memory before they are encoded, and a frame of
+# S x S pixels is rendered in int64 grids, so larger values are refused instead of exhausting memory.
+MAX_SYNTH_CLIPS = 100_000
+MAX_SYNTH_SIZE = 1024

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.data.synth_render import (
     COLOURS,
     EXTENT,
@@ -79,10 +80,12 @@ class SynthConfig:
     crf: int = 18
 
     def __post_init__(self) -> None:
-        if self.frames < 4:
-            raise ValueError(f"frames must be >= 4 (events need at least 2 frames), got {self.frames}")
-        if self.size < 16 or self.size % 2:
-            raise ValueError(f"size must be even and >= 16 (H.264 yuv420p needs even sides), got {self.size}")
+        if not 4 <= self.frames <= MAX_FRAMES:
+            raise ValueError(f"frames must be between 4 (events need at least 2 frames) and {MAX_FRAMES} (the most "
+                             f"evl reads per clip), got {self.frames}")
+        if not 16 <= self.size <= MAX_SYNTH_SIZE or self.size % 2:
+            raise ValueError(f"size must be even and between 16 and {MAX_SYNTH_SIZE} pixels (H.264 yuv420p needs "
+                             f"even sides), got {self.size}")
         if not 1 <= self.max_objects <= len(SHAPES):
             raise ValueError(f"max_objects must be in 1..{len(SHAPES)} (shapes are unique per clip), "
                              f"got {self.max_objects}")
@@ -314,8 +317,8 @@ def render_clip(cfg: SynthConfig, seed: int, meta: dict) -> np.ndarray:
 
 
 def _validate(clips: int, seed: int) -> None:
-    if not isinstance(clips, (int, np.integer)) or clips < 1:
-        raise ValueError(f"clips must be an integer >= 1, got {clips!r}")
+    if not isinstance(clips, (int, np.integer)) or not 1 <= clips <= MAX_SYNTH_CLIPS:
+        raise ValueError(f"clips must be an integer between 1 and {MAX_SYNTH_CLIPS}, got {clips!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from evl.config import from_dict, to_dict
+from evl.config import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, check_range, from_dict, to_dict
 from evl.data import MAX_FRAMES
 from evl.errors import CheckpointError, ConfigError
 from evl.models.frame_prompter import (
@@ -80,6 +80,15 @@ class FrameQAConfig:
         if self.num_frames > self.num_candidates:
             raise ConfigError(f"num_frames={self.num_frames} exceeds num_candidates={self.num_candidates}: the "
                               "selector picks k of N candidate frames")
+        check_range("model.prompter_width", self.prompter_width, 1, MAX_WIDTH)
+        check_range("model.answerer_layers", self.answerer_layers, 1, MAX_LAYERS)
+        check_range("model.answerer_heads", self.answerer_heads, 1, MAX_WIDTH)
+        if self.qformer.hidden_size % self.answerer_heads:
+            raise ConfigError(f"model.answerer_heads={self.answerer_heads} does not divide the answerer's width "
+                              f"(model.qformer.hidden_size={self.qformer.hidden_size}); pick a divisor")
+        check_range("model.num_answers", self.num_answers, 0, MAX_COUNT, " answer classes")
+        check_range("model.max_text_len", self.max_text_len, 1, self.text.max_position_embeddings,
+                    f" question tokens (the text tower has {self.text.max_position_embeddings} positions)")
         if not (0 < self.tau_end <= self.tau_start and math.isfinite(self.tau_start)):
             raise ConfigError(f"need finite Gumbel temperatures 0 < tau_end <= tau_start, got tau_start={self.tau_start}, "
                               f"tau_end={self.tau_end}; set model.tau_start and model.tau_end (default 1 and 0.01)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from evl.config import MAX_LAYERS, MAX_WIDTH, check_range
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.layers import MLP, MultiHeadAttention
 from evl.models.text import masked_mean
@@ -52,6 +53,9 @@ class FusionConfig:
             raise ValueError(f"fusion.kind: {self.kind!r} is not one of {list(FUSIONS)}")
         if self.kind != "none" and self.num_layers < 1:
             raise ValueError(f"fusion.num_layers must be >= 1 for fusion kind {self.kind!r}; got {self.num_layers}")
+        check_range("fusion.num_layers", self.num_layers, 0, MAX_LAYERS)
+        check_range("fusion.num_heads", self.num_heads, 1, MAX_WIDTH)
+        check_range("fusion.mlp_ratio", self.mlp_ratio, 0.25, 64)
 
 
 class CrossModalLayer(nn.Module):

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evl.config import from_dict, to_dict
+from evl.config import MAX_COUNT, MAX_WIDTH, check_range, from_dict, to_dict
+from evl.errors import ConfigError
 from evl.losses.functional import LogitScale
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.fusion import FUSIONS, FusionConfig
@@ -50,6 +51,11 @@ class ModelConfig:
     num_answers: int = 0          # open-ended QA head size; 0 = no QA head (fine-tuning sets it)
 
     def __post_init__(self) -> None:
+        check_range("model.embed_dim", self.embed_dim, 1, MAX_WIDTH)
+        check_range("model.num_answers", self.num_answers, 0, MAX_COUNT, " answer classes (0 = no QA head)")
+        if self.fusion.kind == "encoder" and self.text.hidden_size % self.fusion.num_heads:
+            raise ConfigError(f"fusion.num_heads={self.fusion.num_heads} does not divide the fusion encoder's width "
+                              f"(text.hidden_size={self.text.hidden_size}); pick a divisor")
         n = self.fusion.tower_layers
         for tower, name in ((self.video, "video"), (self.text, "text")):
             if n > tower.num_layers:
@@ -145,8 +151,11 @@ class VideoLanguageModel(nn.Module):
         # build on the meta device first (no memory) and compare with the weights file's header, so an
         # edited or corrupt config.json (text.vocab_size=10**12) is an error, not a huge allocation
         if strict:   # non-strict loading skips mismatched tensors instead
-            with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in cls.from_config_dict(cfg["model"]).state_dict().items()}
+            try:
+                with torch.device("meta"):
+                    shapes = {k: tuple(v.shape) for k, v in cls.from_config_dict(cfg["model"]).state_dict().items()}
+            except ConfigError as e:   # a size past its bound (evl.config.MAX_*): the file is named
+                raise CheckpointError(f"{directory}/config.json: {e}") from None
             check_shapes(shapes, directory, strip_prefix="model.")
         model = cls.from_config_dict(cfg["model"])
         # also reads the Trainer's intermediate checkpoints (checkpoints/step_*), whose weights are

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from evl.config import MAX_LAYERS, MAX_WIDTH, check_range
 from evl.models.layers import MLP, MultiHeadAttention
 
 
@@ -35,6 +36,10 @@ class QFormerConfig:
                 raise ValueError(f"qformer.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"qformer.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check_range("qformer.hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_range("qformer.num_queries", self.num_queries, 1, 1024, " query tokens per frame")
+        check_range("qformer.num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_range("qformer.mlp_ratio", self.mlp_ratio, 0.25, 64)
 
 
 class QFormerLayer(nn.Module):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evl.config import from_dict
+from evl.config import MAX_COUNT, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, check_range, from_dict
 from evl.errors import CheckpointError, ConfigError
 from evl.models.layers import MLP, GatedCrossAttention, MultiHeadAttention
 
@@ -128,6 +128,13 @@ class TextEncoderConfig:
                 raise ConfigError(f"text.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"text.hidden_size {self.hidden_size} is not divisible by text.num_heads {self.num_heads}")
+        for name, high in (("vocab_size", MAX_COUNT), ("hidden_size", MAX_WIDTH), ("intermediate_size", 4 * MAX_WIDTH),
+                           ("num_layers", MAX_LAYERS), ("max_position_embeddings", MAX_POSITIONS),
+                           ("type_vocab_size", 16)):
+            check_range(f"text.{name}", getattr(self, name), 1, high)
+        check_range("text.dropout", self.dropout, 0, 0.999)
+        check_range("text.attention_dropout", self.attention_dropout, 0, 0.999)
+        check_range("text.layer_norm_eps", self.layer_norm_eps, 1e-12, 1)
         if not 0 <= self.fusion_layers <= self.num_layers:
             raise ConfigError(
                 f"text.fusion_layers must be between 0 and text.num_layers ({self.num_layers}), got {self.fusion_layers}"
@@ -141,6 +148,7 @@ class TextEncoderConfig:
             )
         if self.locked_cache < 0:
             raise ConfigError(f"text.locked_cache must be >= 0 sequences (0 = no cache), got {self.locked_cache}")
+        check_range("text.locked_cache", self.locked_cache, 0, MAX_COUNT, " cached sequences (0 = no cache)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from evl.config import from_dict, to_dict
+from evl.config import MAX_LAYERS, MAX_VIDEO_TOKENS, MAX_WIDTH, check_range, from_dict, to_dict
+from evl.data import MAX_FRAMES
 from evl.errors import CheckpointError, ConfigError
 from evl.models.layers import MLP, GatedCrossAttention, MultiHeadAttention
 
@@ -86,6 +87,18 @@ class VideoEncoderConfig:
             raise ConfigError(f"video.num_frames {self.num_frames} is not divisible by tubelet_size {self.tubelet_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"video.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check_range("video.hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_range("video.num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_range("video.in_channels", self.in_channels, 1, 16)
+        check_range("video.num_frames", self.num_frames, 1, MAX_FRAMES, " frames per clip")
+        tokens = (self.image_size // self.patch_size) ** 2 * (self.num_frames // self.tubelet_size)
+        if tokens > MAX_VIDEO_TOKENS:
+            raise ConfigError(f"video.image_size={self.image_size} with patch_size={self.patch_size}, num_frames="
+                              f"{self.num_frames} and tubelet_size={self.tubelet_size} makes {tokens} tokens per clip; "
+                              f"at most {MAX_VIDEO_TOKENS}: lower image_size or num_frames, or raise patch_size")
+        check_range("video.mlp_ratio", self.mlp_ratio, 0.25, 64)
+        check_range("video.dropout", self.dropout, 0, 0.999)
+        check_range("video.layer_norm_eps", self.layer_norm_eps, 1e-12, 1)
         if not 0 <= self.fusion_layers <= self.num_layers:
             raise ConfigError(f"video.fusion_layers must be in [0, num_layers={self.num_layers}], got {self.fusion_layers}")
 

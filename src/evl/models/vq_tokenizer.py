@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from evl.config import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, check_range
 from evl.errors import ConfigError
 from evl.models.layers import Block
 from evl.models.video import VideoEncoder, VideoEncoderConfig
@@ -165,6 +166,10 @@ class VQTokenizerConfig:
             raise ConfigError(f"tokenizer.decay={self.decay} must be in (0, 1) (BEiT-v2: 0.99)")
         if self.restart_dead < 0:
             raise ConfigError(f"tokenizer.restart_dead={self.restart_dead} must be >= 0 (0 = off)")
+        check_range("tokenizer.num_codes", self.num_codes, 2, MAX_COUNT)
+        check_range("tokenizer.code_dim", self.code_dim, 1, MAX_WIDTH)
+        check_range("tokenizer.decoder_layers", self.decoder_layers, 1, MAX_LAYERS)
+        check_range("tokenizer.kmeans_iters", self.kmeans_iters, 1, 10_000)
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:

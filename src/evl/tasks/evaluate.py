@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from evl.config import MAX_POSITIONS, MAX_WORKERS, check_range
 from evl.data.annotations import Record
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key
 from evl.models.model import TextFeatures, VideoFeatures, VideoLanguageModel
@@ -27,6 +28,12 @@ class EvalSettings:
     rerank_k: int = 16          # fusion re-ranking of the dual top-k (0 = off)
     max_text_len: int = 32
     device: str = "auto"     # "auto": the GPU when there is one, else the CPU
+
+    def __post_init__(self) -> None:
+        check_range("eval.batch_size", self.batch_size, 1, 100_000)
+        check_range("eval.num_workers", self.num_workers, 0, MAX_WORKERS)
+        check_range("eval.rerank_k", self.rerank_k, 0, 100_000, " (0 switches fusion re-ranking off)")
+        check_range("eval.max_text_len", self.max_text_len, 1, MAX_POSITIONS)
 
 
 def _resolve(s: EvalSettings) -> EvalSettings:

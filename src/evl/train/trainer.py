@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from evl.config import to_dict
+from evl.config import MAX_WORKERS, check_range, to_dict
 from evl.errors import ConfigError, EvlError
 from evl.train.data import (
     CollatedBatch,
@@ -141,6 +141,16 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            check_range(f"train.betas[{i}]", beta, 0, 0.999999, " (Adam's moment decay rates, e.g. [0.9, 0.999])")
+        check_range("train.eps", self.eps, 1e-30, 1, " (Adam's epsilon, e.g. 1e-8)")
+        check_range("train.num_workers", self.num_workers, 0, MAX_WORKERS, " data-loading processes")
+        check_range("train.seed", self.seed, -(2**63), 2**63 - 1)
+        for pattern, mult in self.lr_mults.items():
+            if not (math.isfinite(mult) and mult >= 0):
+                raise ConfigError(f"train.lr_mults.{pattern}={mult}: an lr multiplier must be a finite number >= 0")
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty: name the folder the run writes to (e.g. train.out_dir=runs/x)")
 
 
 @dataclass
