@@ -16,6 +16,12 @@ clip and option embeddings; no fine-tuning, no fusion):
   order negatives tells whether binding learnt from the other kinds carries over;
 * **zero-shot text→video R@1** over the 1,000 test clips, to see what the negatives cost retrieval.
 
+`--finetune` then fine-tunes each `lit` and `lit+neg` checkpoint as the quickstart does (`retrieval-tiny`:
+VTC + VTM, 70 steps; for `lit+neg` with `neg_vtc` and `neg_vtm` added, so the matching head also sees the
+rewriter's confusions) and ranks every test clip's first caption against the 1,000 test clips three
+ways: the dual encoder alone, the dual top-16 re-ordered by the fusion match probability (`rerank`), and
+by dual logit + match log-odds (`ensemble`); and scores MC with the dual scores and with dual + fusion.
+
 Intervals: 95% bootstrap over seeds and test questions; paired = candidate minus `lit`, same seed, same
 questions. Rows (with per-question hits, so the summary can be recomputed from the JSON alone) are cached
 in runs/compositional/rows.jsonl; a killed run resumes. Results: benchmarks/results/compositional.json.
@@ -129,6 +135,66 @@ def evaluate(checkpoint: str, data: Path) -> dict:
             "r1_hits": "".join("1" if r == 1 else "0" for r in zs["ranks"])}
 
 
+def finetune(pre_ckpt: str, data: Path, out: Path, seed: int, negatives: bool) -> dict:
+    """The quickstart's retrieval fine-tuning, then per-query ranks (dual, rerank, ensemble) and MC."""
+    import torch
+
+    from evl.data.annotations import Record
+    from evl.data.text import tokenizer_for
+    from evl.models.model import VideoLanguageModel
+    from evl.quickstart import _recipe
+    from evl.recipes import run_recipe
+    from evl.tasks.evaluate import EvalSettings, embed_clips, embed_texts
+
+    extra = [f"train.seed={seed}", "train.precision=fp32"]
+    if negatives:
+        extra += ["objectives.neg_vtc.weight=1", f"objectives.neg_vtc.kinds={ALL}", "objectives.neg_vtc.count=2",
+                  "objectives.neg_vtm.weight=1", f"objectives.neg_vtm.kinds={ALL}", "objectives.neg_vtm.count=2"]
+    res = run_recipe(_recipe("retrieval-tiny", data, out, ("retrieval_train.json", "retrieval_test.json"), None, extra),
+                     init=pre_ckpt, evaluate=False)
+    model = VideoLanguageModel.from_pretrained(res["checkpoint"]).eval()
+    tok = tokenizer_for(model.cfg, res["checkpoint"])
+    tests = json.loads((data / "annotations" / "retrieval_test.json").read_text())
+    s = EvalSettings(batch_size=32, rerank_k=0, device="cpu")
+    k = 16
+    with torch.no_grad():
+        gallery = embed_clips(model, [Record(video=r["video"]) for r in tests], data / "videos", s, keep_tokens=True)
+        assert len(gallery.keys) == len(tests), "every test clip decodes"
+        text = embed_texts(model, [r["caption"][0] for r in tests], tok, s, keep_tokens=True)
+        scale = float(model.logit_scale())
+        dual = scale * text.emb.float() @ gallery.emb.float().T                     # (Q, V), query i ↔ clip i
+        top = dual.topk(k, dim=1).indices
+        match = torch.empty(len(tests), k)
+        for i in range(len(tests)):
+            logits = model.score_pairs(gallery.features.select(top[i]), text.select(torch.full((k,), i))).float()
+            match[i] = logits[:, 1] - logits[:, 0]
+        truth = torch.arange(len(tests))
+        ranks = {"dual": (dual >= dual[truth, truth][:, None]).sum(1)}   # pessimistic ties, as efficiency_sweep
+        for name, score in (("rerank", match.sigmoid()), ("ensemble", dual.gather(1, top) + match)):
+            hit = top == truth[:, None]
+            own = torch.where(hit.any(1), (score * hit).sum(1), torch.tensor(float("nan")))
+            r = (score >= own[:, None]).sum(1)
+            ranks[name] = torch.where(hit.any(1), r, ranks["dual"].clamp(min=k + 1))
+        mc = json.loads((data / "annotations" / "mc_test.json").read_text())
+        where = {r["video"]: i for i, r in enumerate(tests)}
+        opts = embed_texts(model, [o for r in mc for o in r["caption"]], tok, s, keep_tokens=True)
+        correct = {"dual": [], "dual+fusion": []}
+        row = 0
+        for r in mc:
+            n = len(r["caption"])
+            v = gallery.features.select(torch.full((n,), where[r["video"]]))
+            t = opts.select(torch.arange(row, row + n))
+            d = scale * (t.emb.float() @ gallery.emb.float()[where[r["video"]]])
+            logits = model.score_pairs(v, t).float()
+            for name, sc in (("dual", d), ("dual+fusion", d + logits[:, 1] - logits[:, 0])):
+                correct[name].append(int(int(sc.argmax()) == r["answer"]))
+            row += n
+    bits = lambda xs: "".join(map(str, xs))  # noqa: E731
+    return {"ft_train_s": round(res["train_time_s"], 1), "ft_final_losses": res["final_losses"],
+            **{f"ft_r1_{n}": bits((r == 1).int().tolist()) for n, r in ranks.items()},
+            **{f"ft_mc_{n}": bits(v) for n, v in correct.items()}}
+
+
 def _bits(s: str) -> np.ndarray:
     return np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")
 
@@ -136,6 +202,8 @@ def _bits(s: str) -> np.ndarray:
 def summarise(rows: list[dict]) -> list[dict]:
     metrics = {"mc": lambda r: r["mc"]["correct"], "mc_alt": lambda r: r["mc_alt"]["correct"],
                "zs_r1": lambda r: r["r1_hits"]}
+    for name in ("ft_r1_dual", "ft_r1_rerank", "ft_r1_ensemble", "ft_mc_dual", "ft_mc_dual+fusion"):
+        metrics[name] = lambda r, n=name: r.get("finetune", {}).get(n, "")
     for part in ("mc", "mc_alt"):
         for kind in ("colour", "shape", "verb", "order"):
             metrics[f"{part}_pair_{kind}"] = lambda r, p=part, k=kind: r[p]["pairwise"].get(k, "")
@@ -154,6 +222,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry[name] = round(100 * float(np.mean([h.mean() for h in hits.values()])), 1)
             entry[f"{name}_per_seed"] = {s: round(100 * float(h.mean()), 1) for s, h in sorted(hits.items())}
             entry[f"{name}_ci95"] = bootstrap(hits)
+            if name in ("ft_r1_rerank", "ft_r1_ensemble"):   # re-ranking against the same model's dual ranking
+                dual = {s: _bits(r["finetune"]["ft_r1_dual"]).astype(float) for s, r in rs.items() if "finetune" in r}
+                entry[f"{name}_minus_dual"] = paired(hits, dual)
             base = {r["seed"]: _bits(get(r)).astype(float) for r in rows if r["candidate"] == "lit" and get(r)}
             if cand != "lit" and base:
                 entry[f"{name}_minus_lit"] = paired(hits, base)
@@ -175,7 +246,27 @@ def markdown(summary: list[dict]) -> str:
         pw = " / ".join(f"{e.get(f'mc_pair_{k}', float('nan')):.1f}" for k in ("colour", "shape", "verb", "order"))
         lines.append(f"| {e['candidate']} | {e['train_min']:.1f} | {ci(e, 'mc')} | {d(e, 'mc')} | {pw} | {ci(e, 'mc_alt')} | "
                      f"{d(e, 'mc_alt')} | {ci(e, 'zs_r1')} | {d(e, 'zs_r1')} | {len(e['seeds'])} |")
+    ft = [e for e in summary if "ft_r1_dual" in e]
+    if ft:
+        def vs_dual(e, k):
+            x = e.get(f"{k}_minus_dual")
+            return f"{x['mean']:+.1f} [{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}]" if x else "—"
+
+        lines += ["", "| fine-tuned | R@1 dual | R@1 re-rank (fusion) | − dual, paired | R@1 dual + fusion | − dual, paired "
+                  "| MC dual | MC dual + fusion | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        for e in ft:
+            lines.append(f"| {e['candidate']} | {ci(e, 'ft_r1_dual')} | {ci(e, 'ft_r1_rerank')} | {vs_dual(e, 'ft_r1_rerank')} | "
+                         f"{ci(e, 'ft_r1_ensemble')} | {vs_dual(e, 'ft_r1_ensemble')} | {ci(e, 'ft_mc_dual')} | "
+                         f"{ci(e, 'ft_mc_dual+fusion')} | {len(e['ft_r1_dual_per_seed'])} |")
     return "\n".join(lines)
+
+
+def write(dest: Path, meta: dict, metas: list[dict], rows: list[dict]) -> None:
+    from _meta import finish_meta
+
+    RESULTS.mkdir(exist_ok=True)
+    dest.write_text(json.dumps({"meta": finish_meta(dict(meta)), "meta_runs": [*metas, finish_meta(dict(meta))],
+                                "protocol": __doc__, "summary": summarise(rows), "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -185,12 +276,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/compositional"))
     ap.add_argument("--json", type=Path, default=RESULTS / "compositional.json")
     ap.add_argument("--steps", type=int, default=STEPS, help="pre-training steps of every candidate")
+    ap.add_argument("--finetune", action="store_true", help="also fine-tune lit and lit+neg and measure re-ranking")
     ap.add_argument("--table", action="store_true", help="print the README's table from --json and stop")
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(args.json.read_text())["summary"]))
         return
-    from _meta import finish_meta, run_meta
+    from _meta import run_meta
 
     from evl.recipes import load_recipe, run_recipe
 
@@ -222,9 +314,19 @@ def main() -> None:
             with cache.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("candidate", "seed", "train_s", "final_losses")}), flush=True)
-            RESULTS.mkdir(exist_ok=True)
-            args.json.write_text(json.dumps({"meta": finish_meta(dict(meta)), "meta_runs": [*metas, finish_meta(dict(meta))],
-                                             "protocol": __doc__, "summary": summarise(rows), "rows": rows}, indent=1))
+            write(args.json, meta, metas, rows)
+    for seed in args.seeds if args.finetune else []:
+        for cand in [c for c in args.candidates if c in ("lit", "lit+neg")]:
+            row = next((r for r in rows if r["candidate"] == cand and r["seed"] == seed), None)
+            if row is None or "finetune" in row:
+                continue
+            pre = args.work / "runs" / f"{cand}-s{seed}" / "final"
+            row["finetune"] = finetune(str(pre), data, args.work / "runs" / f"{cand}-s{seed}-ft", seed, cand == "lit+neg")
+            cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            print(json.dumps({"finetuned": cand, "seed": seed, "r1": {k: v.count("1") for k, v in row["finetune"].items()
+                                                                      if k.startswith("ft_r1")}}), flush=True)
+            write(args.json, meta, metas, rows)
+    write(args.json, meta, metas, rows)   # also when nothing was run: the summary of every cached row
     print(markdown(summarise(rows)))
 
 

@@ -161,9 +161,9 @@ def test_neg_vtc_equals_the_hand_computed_cross_entropy(objective_and_batch):
 
     objective, batch, _ = objective_and_batch
     step = StepCache(objective.model, batch, objective._features, list(objective.terms.values()))
-    v = torch.nn.functional.normalize(step["video"].emb.float(), dim=-1)
-    t = torch.nn.functional.normalize(step["text"].emb.float(), dim=-1)
-    n = torch.nn.functional.normalize(step["negative_text"].emb.float(), dim=-1).view(4, 2, -1)
+    v = torch.nn.functional.normalize(step["video"].emb.detach().float(), dim=-1)
+    t = torch.nn.functional.normalize(step["text"].emb.detach().float(), dim=-1)
+    n = torch.nn.functional.normalize(step["negative_text"].emb.detach().float(), dim=-1).view(4, 2, -1)
     scale = float(step["logit_scale"].detach())
     losses = []
     for i in range(4):
