@@ -24,7 +24,7 @@ by dual logit + match log-odds (`ensemble`); and scores MC with the dual scores 
 
 Intervals: 95% bootstrap over seeds and test questions; paired = candidate minus `lit`, same seed, same
 questions. Rows (with per-question hits, so the summary can be recomputed from the JSON alone) are cached
-in runs/compositional/rows.jsonl; a killed run resumes. Results: benchmarks/results/compositional.json.
+in runs/compositional/rows.jsonl (fine-tuning results in finetune.jsonl); a killed run resumes. Results: benchmarks/results/compositional.json.
 """
 
 from __future__ import annotations
@@ -315,6 +315,12 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("candidate", "seed", "train_s", "final_losses")}), flush=True)
             write(args.json, meta, metas, rows)
+    ft_cache = args.work / "finetune.jsonl"   # its own append-only file: a pre-training process may still append rows
+    done = [json.loads(x) for x in ft_cache.read_text().splitlines() if x.strip()] if ft_cache.is_file() else []
+    for ft in done:
+        for row in rows:
+            if (row["candidate"], row["seed"]) == (ft["candidate"], ft["seed"]):
+                row["finetune"] = ft["finetune"]
     for seed in args.seeds if args.finetune else []:
         for cand in [c for c in args.candidates if c in ("lit", "lit+neg")]:
             row = next((r for r in rows if r["candidate"] == cand and r["seed"] == seed), None)
@@ -322,7 +328,8 @@ def main() -> None:
                 continue
             pre = args.work / "runs" / f"{cand}-s{seed}" / "final"
             row["finetune"] = finetune(str(pre), data, args.work / "runs" / f"{cand}-s{seed}-ft", seed, cand == "lit+neg")
-            cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            with ft_cache.open("a") as f:
+                f.write(json.dumps({"candidate": cand, "seed": seed, "finetune": row["finetune"]}) + "\n")
             print(json.dumps({"finetuned": cand, "seed": seed, "r1": {k: v.count("1") for k, v in row["finetune"].items()
                                                                       if k.startswith("ft_r1")}}), flush=True)
             write(args.json, meta, metas, rows)
