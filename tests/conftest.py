@@ -42,6 +42,19 @@ def tiny_model_dict_factory():
 
 
 @pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory, tiny_model_dict_factory):
+    """An untrained tiny video-language model saved as a checkpoint (what `evl pretrain` writes), seed 0."""
+    import torch
+
+    from evl.models.model import build_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base") / "final"
+    build_model(tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's tiny models on one intra-op thread, then restore the previous setting.
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import error_line, invoke
 from evl.cli import app
 from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 
@@ -29,13 +30,7 @@ GUARDS = {"yaml-list", "override-empty-key", "override-lr-abc", "test_guard_ask_
 
 def _error(args: list) -> str:
     """The one `error:` line of a command that must exit with status 2 and no traceback."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    assert len(lines[0]) < 600, lines[0][:600]
-    return lines[0]
+    return error_line(invoke(args))
 
 
 # ------------------------------------------------------------------ recipe files: odd YAML

@@ -18,6 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import error_line, invoke
 from evl.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,17 +41,10 @@ def model(tiny_model_dict_factory):
 
 
 def _pretrain(recipe: Path, *args: str):
-    result = runner.invoke(app, ["pretrain", str(recipe), "--no-eval", *args])
-    # whatever happened, it is a clean exit: no traceback escaped the command
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    return result
+    return invoke(["pretrain", recipe, "--no-eval", *args])
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
+_error = error_line
 
 
 # ------------------------------------------------------------------ 1. a fresh run into a used out_dir

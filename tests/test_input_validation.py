@@ -13,29 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from evl.cli import app
+from cli_checks import error_line, invoke
 from evl.data import MAX_FRAMES
 from evl.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-runner = CliRunner()
 
 
-def _invoke(args: list[str]):
-    result = runner.invoke(app, [str(a) for a in args])
-    # whatever happened, it is a clean exit: no traceback escaped the command
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    return result
-
-
-def _error(result) -> str:
-    """The one `error:` line of a command that exited with status 2."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
+_invoke, _error = invoke, error_line
 
 
 def _pretrain_recipe(tmp_path: Path, synthvl: Path, model: dict, **train) -> Path:
@@ -54,14 +40,8 @@ def model(tiny_model_dict_factory):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_model_dict_factory):
-    """An untrained tiny video-language model saved as a checkpoint (what `evl pretrain` writes)."""
-    from evl.models.model import build_model
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("base") / "final"
-    build_model(tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4)).save_pretrained(out)
-    return out
+def base(untrained_checkpoint):
+    return untrained_checkpoint
 
 
 @pytest.fixture(scope="module")

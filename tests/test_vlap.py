@@ -170,13 +170,8 @@ def test_config_errors_name_the_values(tiny_model_dict_factory):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_model_dict_factory):
-    from evl.models.model import build_model
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("base") / "final"
-    build_model(tiny_model_dict_factory("encoder", vocab_size=30522, num_frames=4)).save_pretrained(out)
-    return out
+def base(untrained_checkpoint):
+    return untrained_checkpoint
 
 
 def _recipe(tmp_path: Path, synthvl: Path, name: str, **extra) -> Path:
