@@ -197,7 +197,10 @@ def vlap_train(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. model.select=uniform distill=0"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
 ) -> None:
-    """Train a frame-QA model (the all-frames teacher, or Frame-Prompter + student); final/ is what `evl ask` loads."""
+    """Train a frame-QA model (the all-frames teacher, or Frame-Prompter + student); final/ is what `evl ask` loads.
+
+    Sizes that allocate are bounded: model.num_candidates and data.num_frames at most 256 frames per clip,
+    batch_size_eval >= 1; an out-of-range value is refused when the recipe loads."""
     from evl.vlap import load_vlap_recipe, train_vlap
 
     try:
