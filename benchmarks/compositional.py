@@ -48,6 +48,10 @@ CANDIDATES = {
     "lit+neg": ["objectives.neg_vtc.weight=1", f"objectives.neg_vtc.kinds={ALL}", "objectives.neg_vtc.count=2"],
     "lit+neg-no-order": ["objectives.neg_vtc.weight=1", "objectives.neg_vtc.kinds=[colour,size,noun,verb,swap]",
                          "objectives.neg_vtc.count=2"],
+    # the video side (video_probe.py: shape is nearly absent at 16-pixel patches): 8-pixel patches, 4x the tokens
+    "lit-p8": ["model.video.patch_size=8"],
+    "lit+neg-p8": ["model.video.patch_size=8", "objectives.neg_vtc.weight=1", f"objectives.neg_vtc.kinds={ALL}",
+                   "objectives.neg_vtc.count=2"],
 }
 ALT_VERBS = {"move_left": "is heading towards the left", "move_right": "is heading towards the right",
              "move_up": "is heading upwards", "move_down": "is heading downwards", "grow": "gets larger",
