@@ -15,6 +15,12 @@ Accuracy overall, on temporal-order and on action questions (mean ± half-range 
 latency per question of each seed-0 checkpoint from decoded frames (decoding excluded), median of
 repeated runs, batch 1 and batch 32, all models timed interleaved in this one process.
 
+Long clips (`--long`: `evl synth --long`, 48 frames, 3–5 short events with idle time between, event-
+targeted and order questions whose answer lives in one or two moments): N = `--candidates` (32), and
+`--frame-input tubelet` gives each candidate position the frame and the next one (motion). Rows add
+`moment_coverage` (share of event/order questions whose every answer window holds a picked frame) and
+`distinct_frame_sets_per_clip`. Rows are cached in WORK/rows.jsonl: a killed run goes on where it stopped.
+
 Usage: python benchmarks/vlap_frames.py [--seeds 0 1] [--ks 2 4] [--teacher-steps 300]
        [--student-steps 200] [--clips 500] [--backbone CKPT] [--work DIR] [--skip-latency]
        python benchmarks/vlap_frames.py --merge A.json B.json --work DIR   (rows of separate runs, e.g. one
@@ -43,46 +49,87 @@ VARIANTS = {
 }
 
 
-def _common(data: Path, work: Path, out: str, steps: int, seed: int) -> list[str]:
+def _common(args, data: Path, out: str, steps: int, seed: int) -> list[str]:
     ann = data / "annotations"
     return [f"data.train={ann / 'qa_train.json'}", f"data.test={ann / 'qa_test.json'}",
-            f"data.videos={data / 'videos'}", f"train.out_dir={work / out}", f"train.max_steps={steps}",
-            f"train.seed={seed}", "train.overwrite=true", "train.log_every=50", f"feature_cache={work / 'features'}"]
+            f"data.videos={data / 'videos'}", f"train.out_dir={args.work / out}", f"train.max_steps={steps}",
+            f"train.seed={seed}", "train.overwrite=true", "train.log_every=50", f"feature_cache={args.work / 'features'}",
+            f"model.num_candidates={args.candidates}", f"model.frame_input={args.frame_input}"]
 
 
-def _row(name: str, k: int, seed: int, summary: dict) -> dict:
+def moment_coverage(summary: dict, data: Path, candidates: int) -> dict:
+    """Share of the test questions with `moments` (long clips) whose every answer window [start, end)
+    holds at least one picked candidate (candidate n shows source frame sample_indices(T, N)[n]), by type."""
+    from evl.data.annotations import read_annotations
+    from evl.data.text import tokenizer_for
+    from evl.data.video import sample_indices
+    from evl.models.frame_qa import FrameQAModel
+    from evl.vlap import evaluate_features, extract_features
+
+    records = read_annotations(data / "annotations" / "qa_test.json")
+    if not any("moments" in r.meta for r in records):
+        return {}
+    frames = json.loads((data / "meta.json").read_text())["frames"]
+    source = sample_indices(frames, candidates, "uniform")
+    ckpt = summary["checkpoint"]
+    model = FrameQAModel.from_pretrained(ckpt)
+    feats = extract_features(model, records, str(data / "videos"), Path(ckpt).parent.parent / "features")
+    picks = evaluate_features(model, records, feats, tokenizer_for(model.cfg, ckpt), FrameQAModel.read_vocab(ckpt),
+                              "qa", keep_picks=True)["picks"]
+    hits: dict[str, list[bool]] = {}
+    for r, p in zip(records, picks, strict=True):
+        if "moments" in r.meta:
+            shown = [source[i] for i in p]
+            hits.setdefault(r.qtype, []).append(all(any(a <= f < b for f in shown) for a, b in r.meta["moments"]))
+    return {t: round(100.0 * sum(h) / len(h), 1) for t, h in sorted(hits.items())}
+
+
+def _row(name: str, k: int, seed: int, summary: dict, args, data: Path) -> dict:
     test = summary["test"]
-    return {"method": name, "k": k, "seed": seed, "accuracy": test["qa_accuracy"],
+    return {"method": name, "k": k, "seed": seed, "frame_input": args.frame_input, "accuracy": test["qa_accuracy"],
             "temporal": test["per_type"].get("temporal"), "action": test["per_type"].get("action"),
-            "per_type": test["per_type"], "train_s": round(summary["train_time_s"], 1),
+            "event": test["per_type"].get("event"), "order": test["per_type"].get("order"),
+            "per_type": test["per_type"], "count_per_type": test.get("count_per_type"),
+            "distinct_frame_sets_per_clip": test.get("distinct_frame_sets_per_clip"),
+            "moment_coverage": moment_coverage(summary, data, args.candidates) if args.long else {},
+            "train_s": round(summary["train_time_s"], 1),
             "final_losses": summary["final_losses"], "checkpoint": summary["checkpoint"]}
 
 
 def train_rows(args, data: Path, backbone: str) -> list[dict]:
     from evl.vlap import load_vlap_recipe, train_vlap
 
-    rows = []
+    cache = args.work / "rows.jsonl"
+    rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
+
+    def done(name: str, k: int, seed: int) -> dict | None:
+        return next((r for r in rows if (r["method"], r["k"], r["seed"], r.get("frame_input", "frame"))
+                     == (name, k, seed, args.frame_input) and Path(r["checkpoint"]).is_dir()), None)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        with cache.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k_: v for k_, v in row.items() if k_ not in ("per_type", "count_per_type")}), flush=True)
+
+    tag_in = "" if args.frame_input == "frame" else f"-{args.frame_input}"
     for seed in args.seeds:
-        done = args.work / f"s{seed}-teacher" / "summary.json"
-        if args.reuse_teacher and done.is_file():
-            teacher = json.loads(done.read_text())
-        else:
-            teacher = train_vlap(load_vlap_recipe("vlap-teacher-tiny", [f"backbone={backbone}", *_common(
-                data, args.work, f"s{seed}-teacher", args.teacher_steps, seed)]))
-        rows.append(_row("all frames", 16, seed, teacher))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_type"}), flush=True)
+        teacher = done("all frames", args.candidates, seed)
+        if teacher is None:
+            summary = train_vlap(load_vlap_recipe("vlap-teacher-tiny", [f"backbone={backbone}", *_common(
+                args, data, f"s{seed}-teacher{tag_in}", args.teacher_steps, seed)]))
+            keep(teacher := _row("all frames", args.candidates, seed, summary, args, data))
         for k in args.ks:
             for name, extra in VARIANTS.items():
-                if args.methods and name not in args.methods:
+                if (args.methods and name not in args.methods) or done(name, k, seed):
                     continue
                 tag = name.replace(", ", "-").replace(" ", "-")
                 summary = train_vlap(load_vlap_recipe("vlap-tiny", [
                     f"init={teacher['checkpoint']}", f"teacher={teacher['checkpoint']}", f"model.num_frames={k}",
-                    *_common(data, args.work, f"s{seed}-k{k}-{tag}", args.student_steps, seed), *extra]))
-                rows.append(_row(name, k, seed, summary))
-                print(json.dumps({k_: v for k_, v in rows[-1].items() if k_ != "per_type"}), flush=True)
-        _write(args, rows, None)
-    return rows
+                    *_common(args, data, f"s{seed}-k{k}-{tag}{tag_in}", args.student_steps, seed), *extra]))
+                keep(_row(name, k, seed, summary, args, data))
+        _write(args, [r for r in rows if r.get("frame_input", "frame") == args.frame_input], None)
+    return [r for r in rows if r.get("frame_input", "frame") == args.frame_input]
 
 
 def measure_latency(rows: list[dict], data: Path, repeats: int, batch: int) -> dict[str, dict]:
@@ -98,7 +145,8 @@ def measure_latency(rows: list[dict], data: Path, repeats: int, batch: int) -> d
     models = {(r["method"], r["k"]): FrameQAModel.from_pretrained(r["checkpoint"]) for r in seed0}
     first = next(iter(models.values()))
     records = read_annotations(data / "annotations" / "qa_test.json")[:batch]
-    ds = VideoTextDataset(records, data / "videos", ClipSettings(num_frames=16, size=first.cfg.video.image_size), "question")
+    ds = VideoTextDataset(records, data / "videos", ClipSettings(num_frames=first.cfg.num_candidates,
+                                                                 size=first.cfg.video.image_size), "question")
     samples = [ds[i] for i in range(len(records))]
     frames = torch.stack([s["frames"] for s in samples])
     mask = torch.stack([s["frame_mask"] for s in samples])
@@ -147,18 +195,26 @@ def _stat(values: list[float | None]) -> str:
 
 
 def print_table(rows: list[dict], latency: dict | None) -> None:
-    head = f"{'method':20s} {'k':>3s} {'accuracy':>12s} {'temporal':>12s} {'action':>12s} {'ms/q b1':>9s} {'ms/q b32':>9s} {'speed-up':>9s}"
+    long = any(r.get("event") is not None for r in rows)
+    extra = [("event", "event"), ("order", "order")] if long else []
+    head = (f"{'method':20s} {'k':>3s} {'accuracy':>12s} {'temporal':>12s} {'action':>12s}"
+            + "".join(f" {h:>12s}" for h, _ in extra) + (f" {'sets/clip':>9s} {'covered':>8s}" if long else "")
+            + f" {'ms/q b1':>9s} {'ms/q b32':>9s} {'speed-up':>9s}")
     print("\n" + head + "\n" + "-" * len(head))
     keys = list(dict.fromkeys((r["method"], r["k"]) for r in rows))
-    base = (latency or {}).get("all frames|16", {})
+    base = next((v for key, v in (latency or {}).items() if key.startswith("all frames|")), {})
     for name, k in keys:
         rs = [r for r in rows if (r["method"], r["k"]) == (name, k)]
         lat = (latency or {}).get(f"{name}|{k}", {})
         b1 = lat.get("ms_per_question_b1")
         bb = next((v for key, v in lat.items() if key.startswith("ms_per_question_b") and key != "ms_per_question_b1"), None)
         base_b1 = base.get("ms_per_question_b1")
+        cols = "".join(f" {_stat([r.get(key) for r in rs]):>12s}" for _, key in extra)
+        if long:
+            cols += (f" {_stat([r.get('distinct_frame_sets_per_clip') for r in rs]):>9s}"
+                     f" {_stat([r.get('moment_coverage', {}).get('event') for r in rs]):>8s}")
         print(f"{name:20s} {k:3d} {_stat([r['accuracy'] for r in rs]):>12s} {_stat([r['temporal'] for r in rs]):>12s} "
-              f"{_stat([r['action'] for r in rs]):>12s} {b1 if b1 is not None else '-':>9} {bb if bb is not None else '-':>9} "
+              f"{_stat([r['action'] for r in rs]):>12s}{cols} {b1 if b1 is not None else '-':>9} {bb if bb is not None else '-':>9} "
               f"{f'{base_b1 / b1:.2f}x' if b1 and base_b1 else '-':>9s}")
 
 
@@ -206,8 +262,13 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="rows from earlier runs' JSON files")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--methods", nargs="+", default=None, choices=list(VARIANTS), help="train only these students")
-    ap.add_argument("--reuse-teacher", action="store_true", help="use work/s<seed>-teacher when it is there")
+    ap.add_argument("--long", action="store_true", help="long SynthVL clips (evl synth --long, 48 frames)")
+    ap.add_argument("--candidates", type=int, default=None, help="N candidate frames (default 16; 32 with --long)")
+    ap.add_argument("--frame-input", choices=["frame", "tubelet"], default="frame",
+                    help="what a candidate position shows the tower (tubelet: the frame and the next one)")
+    ap.add_argument("--backbone-recipe", default="pretrain-tiny", help="pre-training recipe of the backbone")
     args = ap.parse_args()
+    args.candidates = args.candidates or (32 if args.long else 16)
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -216,7 +277,7 @@ def main() -> None:
     args._meta = run_meta(seeds=args.seeds)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from evl.data.synthetic import write_synthvl
+    from evl.data.synthetic import long_config, write_synthvl
     from evl.precision import cpu_info
     from evl.recipes import load_recipe, run_recipe
 
@@ -224,11 +285,14 @@ def main() -> None:
         args.work = args.work or Path(tmp)
         data = args.work / "synthvl"
         if not (data / "annotations" / "qa_train.json").is_file():
-            write_synthvl(data, clips=args.clips, seed=0, frames=16, size=64)
+            write_synthvl(data, clips=args.clips, seed=0, frames=16, size=64,
+                          cfg=long_config(48, 64) if args.long else None)
         backbone = args.backbone
+        if backbone is None and not args.merge and (args.work / "backbone" / "final" / "config.json").is_file():
+            backbone = str(args.work / "backbone" / "final")
         if backbone is None and not args.merge:
             ann = data / "annotations"
-            backbone = run_recipe(load_recipe("pretrain-tiny", [
+            backbone = run_recipe(load_recipe(args.backbone_recipe, [
                 f"data.train={ann / 'pretrain.json'}", f"data.test={ann / 'retrieval_val.json'}",
                 f"data.videos={data / 'videos'}", f"train.out_dir={args.work / 'backbone'}",
                 f"train.max_steps={args.pretrain_steps}", "train.ckpt_every=0", "train.overwrite=true"]),

@@ -273,6 +273,6 @@ def test_packaged_configs_still_load():
     for path in sorted((CONFIG_DIR / "models").glob("*.yaml")):
         load_yaml(path.stem, "models")
     load_vq_recipe("vq-tiny", [])
-    for name in ("vlap-teacher-tiny", "vlap-tiny"):
-        load_vlap_recipe(name, [])
+    for path in sorted((CONFIG_DIR / "vlap").glob("*.yaml")):
+        load_vlap_recipe(path.stem, [])
     assert Path(CONFIG_DIR).is_dir()

@@ -17,6 +17,7 @@ from evl.data.synthetic import (
     generate_clip,
     generate_synthvl,
     heldout_combinations,
+    long_config,
     write_synthvl,
 )
 
@@ -263,3 +264,94 @@ def test_cli_synth_writes_files(tmp_path):
         assert json.loads((tmp_path / "annotations" / f"{name}.json").read_text())
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--size", "31"])
     assert bad.exit_code != 0 and "size" in bad.output
+
+
+# ----------------------------------------------------------------------------- long clips (evl synth --long)
+
+
+@pytest.fixture(scope="module")
+def long_text_only() -> object:
+    return generate_synthvl(60, seed=2, cfg=long_config(48), render=False)
+
+
+def _event_at(meta: dict, window: list[int]) -> dict:
+    return next(e for e in meta["events"] if [e["start"], e["end"]] == window)
+
+
+def test_long_clips_have_3_to_5_short_events_with_idle_time(long_text_only):
+    counts = set()
+    for clip in long_text_only.clips:
+        events = clip.meta["events"]
+        counts.add(len(events))
+        for a, b in zip(events, events[1:], strict=False):
+            assert a["end"] <= b["start"]
+        assert all(2 <= e["end"] - e["start"] <= 8 for e in events)
+        assert sum(e["end"] - e["start"] for e in events) <= 40   # at least 8 of 48 frames with no event
+    assert counts == {3, 4, 5}
+
+
+def test_long_clips_are_deterministic_and_regenerate_alone(long_text_only):
+    again = generate_synthvl(60, seed=2, cfg=long_config(48), render=False)
+    assert again.annotations == long_text_only.annotations
+    clip = long_text_only.clips[7]
+    alone = generate_clip(long_config(48), 2, 7, clip.meta["compositional"])
+    assert alone.captions == clip.captions and alone.moments == clip.moments
+    frames = generate_clip(long_config(24, 32), 2, 7).frames
+    assert frames.shape == (24, 32, 32, 3)
+
+
+def test_long_captions_tell_one_moment_each(long_text_only):
+    for clip in long_text_only.clips:
+        assert len(clip.moments) == len(clip.captions) == 5
+        for text, window in zip(clip.captions, clip.moments, strict=True):
+            event = _event_at(clip.meta, window)
+            assert re.search(rf"\b{event['colour']}\b", text)
+            others = [e for e in clip.meta["events"] if e is not event]
+            assert sum(bool(re.search(rf"\b{e['colour']}\b", text)) for e in others) <= 1   # at most the anchor
+    record = long_text_only.annotations["retrieval_train.json"][0]
+    assert record["moments"] == long_text_only.clips[0].moments
+
+
+def test_long_questions_target_the_events_their_moments_name(long_text_only):
+    by_video = {c.meta["video"]: c.meta for c in long_text_only.clips}
+    records = [r for s in ("train", "val", "test") for r in long_text_only.annotations[f"qa_{s}.json"]]
+    assert {"event", "order"} <= {r["type"] for r in records}
+    order_answers = Counter()
+    for r in (r for r in records if r["type"] in ("event", "order")):
+        meta = by_video[r["video"]]
+        first, second = (_event_at(meta, w) for w in r["moments"])
+        assert first["start"] < second["start"]
+        if r["subtype"] == "colour_after":   # the asked event comes right after the anchor
+            assert meta["events"].index(second) == meta["events"].index(first) + 1
+            assert r["answer"] == second["colour"] and f"the {second['colour']}" not in r["question"]
+        elif r["subtype"] == "shape_before":
+            assert r["answer"] == first["noun"]
+            assert f"the {second['colour']} object" in r["question"]
+        else:
+            named = sorted((r["question"].index(f" {e['colour']} "), e) for e in (first, second))
+            said_first_before = named[0][1] is first
+            assert r["answer"] == ("yes" if said_first_before == (r["subtype"] == "before") else "no")
+            order_answers[r["answer"]] += 1
+    assert 0.35 < order_answers["yes"] / sum(order_answers.values()) < 0.65
+
+
+def test_long_multiple_choice_options_are_whole_clip_captions(long_text_only):
+    for r in long_text_only.annotations["mc_test.json"]:
+        assert len(set(r["caption"])) == 5 and r["negative_types"][r["answer"]] == "positive"
+
+
+def test_long_config_and_cli_refuse_too_few_frames(tmp_path):
+    from typer.testing import CliRunner
+
+    from evl.cli import app
+
+    with pytest.raises(ValueError, match="24"):
+        long_config(16)
+    with pytest.raises(ValueError, match="min_objects"):
+        SynthConfig(frames=4, min_objects=3)
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--long", "--frames", "16"])
+    assert bad.exit_code != 0 and "24" in bad.output
+    ok = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--long", "--clips", "4", "--frames", "24", "--size", "32"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "y" / "meta.json").read_text())["frames"] == 24
+    assert any(r["type"] == "order" for r in json.loads((tmp_path / "y" / "annotations" / "qa_train.json").read_text()))

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from evl.cli import app
 from evl.config import from_dict
+from evl.errors import ConfigError
 from evl.models.frame_prompter import (
     FramePrompter,
     gumbel_pick,
@@ -128,16 +129,18 @@ def _cfg(tiny_model_dict_factory, select="prompter", k=3, n=8, **extra) -> Frame
                                      "qformer": {"hidden_size": 32, "num_queries": 3, "num_heads": 2}, **extra}, where="t")
 
 
+@pytest.mark.parametrize("frame_input", ["frame", "tubelet"])
 @pytest.mark.parametrize("select", ["all", "uniform", "prompter", "localizer"])
-def test_features_path_equals_frames_path_and_padding_is_never_read(tiny_model_dict_factory, select):
+def test_features_path_equals_frames_path_and_padding_is_never_read(tiny_model_dict_factory, select, frame_input):
     torch.manual_seed(0)
-    model = FrameQAModel(_cfg(tiny_model_dict_factory, select)).eval()
+    model = FrameQAModel(_cfg(tiny_model_dict_factory, select, frame_input=frame_input)).eval()
     frames = torch.randn(2, 8, 3, 32, 32)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False
     ids, am = torch.randint(0, 100, (2, 6)), torch.ones(2, 6, dtype=torch.long)
     out = model(frames, mask, ids, am)
-    again = model.from_features(model.frame_tokens(frames), model.patch_embeddings(frames), mask, ids, am)
+    again = model.from_features(model.frame_tokens(frames, None, mask), model.patch_embeddings(frames, mask), mask,
+                                ids, am)
     assert torch.allclose(out.logits, again.logits, atol=1e-5)
     assert out.selection.index.tolist() == again.selection.index.tolist()
     assert all(mask[1, i] for i, ok in zip(out.selection.index[1].tolist(), out.selection.mask[1].tolist(), strict=True) if ok)
@@ -145,6 +148,30 @@ def test_features_path_equals_frames_path_and_padding_is_never_read(tiny_model_d
     noisy = frames.clone()
     noisy[1, 5:] = 100.0
     assert torch.allclose(model(noisy, mask, ids, am).logits, out.logits, atol=1e-5)
+
+
+def test_tubelet_input_fills_a_slot_with_the_next_frames_never_past_the_last_real_one(tiny_model_dict_factory):
+    model = FrameQAModel(_cfg(tiny_model_dict_factory, "uniform", frame_input="tubelet"))
+    t = model.cfg.video.tubelet_size
+    assert t == 2
+    frames = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(2, 6, 3, 2, 2).clone()   # frame n holds the value n
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    slots = model._slots(frames, torch.tensor([[0, 3, 5], [0, 3, 5]]), mask)
+    assert slots.shape == (6, t, 3, 2, 2)
+    assert slots[:, :, 0, 0, 0].tolist() == [[0, 1], [3, 4], [5, 5], [0, 1], [3, 3], [3, 3]]
+    still = FrameQAModel(_cfg(tiny_model_dict_factory, "uniform"))._slots(frames, torch.tensor([[4], [1]]), mask)
+    assert still[:, :, 0, 0, 0].tolist() == [[4, 4], [1, 1]]   # frame: the frame repeated, no motion
+    with pytest.raises(ConfigError, match="frame_input"):
+        _cfg(tiny_model_dict_factory, frame_input="pair")
+
+
+def test_distinct_frame_sets_count_each_clips_different_selections():
+    from evl.vlap import distinct_sets_per_clip
+
+    clips = ["a", "a", "a", "b", "b", "c"]
+    picks = [[1, 2], [2, 1], [3, 4], [0, 1], [0, 1], [5, 6]]
+    assert distinct_sets_per_clip(clips, picks) == 1.5     # a: 2 sets, b: 1 set; c has one question only
+    assert distinct_sets_per_clip(["c"], [[0]]) is None
 
 
 def test_frames_only_prompter_ignores_the_question(tiny_model_dict_factory):

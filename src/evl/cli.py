@@ -41,14 +41,18 @@ def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write videos/ and annotations/ into."),
     clips: int = typer.Option(200, "--clips", help=f"Number of clips to generate (1 to {MAX_SYNTH_CLIPS})."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files."),
-    frames: int = typer.Option(16, "--frames", help=f"Frames per clip (T, 4 to {MAX_FRAMES})."),
+    frames: int | None = typer.Option(None, "--frames", help=f"Frames per clip (T, 4 to {MAX_FRAMES}; default 16, "
+                                      "48 with --long)."),
     size: int = typer.Option(64, "--size", help=f"Frame side in pixels (S×S, even, 16 to {MAX_SYNTH_SIZE})."),
+    long: bool = typer.Option(False, "--long", help="Long clips (24+ frames, 48–64 recommended): 3–5 events with idle "
+                              "time between, one-moment captions, event-targeted and order questions."),
 ) -> None:
     """Generate the SynthVL benchmark: mp4 clips plus retrieval/QA/multiple-choice annotations."""
-    from evl.data.synthetic import write_synthvl
+    from evl.data.synthetic import long_config, write_synthvl
 
     try:
-        summary = write_synthvl(out_dir, clips=clips, seed=seed, frames=frames, size=size)
+        cfg = long_config(frames or 48, size) if long else None
+        summary = write_synthvl(out_dir, clips=clips, seed=seed, frames=frames or 16, size=size, cfg=cfg)
     except (EvlError, ValueError) as e:
         _fail(e)
     except OSError as e:
@@ -193,7 +197,7 @@ def vq_train(
 
 @vlap_app.command("train")
 def vlap_train(
-    config: str = typer.Argument(..., help="VLAP recipe: packaged name (vlap-teacher-tiny, vlap-tiny) or YAML file."),
+    config: str = typer.Argument(..., help="VLAP recipe: packaged name (vlap-teacher-tiny, vlap-tiny, vlap-teacher-tiny-long, vlap-tiny-long) or YAML file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. model.select=uniform distill=0"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
 ) -> None:

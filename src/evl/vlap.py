@@ -113,14 +113,16 @@ def towers_fingerprint(model: FrameQAModel) -> str:
 
 
 def _cache_key(model: FrameQAModel, dataset: VideoTextDataset, keys: list[str], backend: str) -> str:
-    """The towers, the clips (their files' size and mtime too), N, the image size and the decoder."""
+    """The towers, the clips (their files' size and mtime too), N, the image size, the decoder and what
+    a candidate position holds (`frame_input`)."""
     files = []
     for r in dataset.records:
         path = dataset.video_path(r)
         st = path.stat() if path.is_file() else None
         files.append([str(path.resolve()), st.st_size if st else None, st.st_mtime if st else None])
     h = hashlib.sha1(towers_fingerprint(model).encode())
-    h.update(json.dumps([keys, files, model.cfg.num_candidates, model.cfg.video.image_size, backend]).encode())
+    h.update(json.dumps([keys, files, model.cfg.num_candidates, model.cfg.video.image_size, backend,
+                         model.cfg.frame_input]).encode())
     return h.hexdigest()[:16]
 
 
@@ -153,9 +155,10 @@ def extract_features(model: FrameQAModel, records: list, videos: str | None, cac
         if not batch:
             continue
         frames = torch.stack([s["frames"] for _, s in batch]).to(device)
-        tokens.append(model.frame_tokens(frames).cpu())
-        patches.append(model.patch_embeddings(frames).cpu())
-        masks.append(torch.stack([s["frame_mask"] for _, s in batch]))
+        mask = torch.stack([s["frame_mask"] for _, s in batch])
+        tokens.append(model.frame_tokens(frames, None, mask.to(device)).cpu())
+        patches.append(model.patch_embeddings(frames, mask.to(device)).cpu())
+        masks.append(mask)
         row.update({k: len(row) + i for i, (k, _) in enumerate(batch)})
     if not row:
         raise ConfigError(f"none of the {len(clips)} clips could be decoded; check data.videos and `evl data check`")
@@ -410,8 +413,11 @@ def check_task(records: list, task: str, path: str) -> None:
 
 @torch.no_grad()
 def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, tokenizer, vocab, task: str,
-                      batch_size: int = 64, max_text_len: int = 32) -> dict[str, Any]:
-    """Accuracy (overall and per question type) from pre-extracted features; which frames were picked."""
+                      batch_size: int = 64, max_text_len: int = 32, keep_picks: bool = False) -> dict[str, Any]:
+    """Accuracy (overall and per question type) from pre-extracted features; which frames were picked:
+    `distinct_frame_sets_per_clip` (QA: how many different candidate sets a clip's questions got — 1.0
+    means the question never changes the selection) and, with `keep_picks`, every record's picks
+    (`picks`: candidate indices in temporal order, in the order of the dataset's records)."""
     from evl.tasks.qa import qa_accuracy
 
     if task == "qa" and vocab is None:
@@ -420,7 +426,7 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
     model.eval()
     dataset = FeatureDataset(records, feats, "none" if task == "mc" else "question", train=False)
     collate = FeatureCollator(tokenizer, max_text_len)
-    preds, gold, types, right = [], [], [], []
+    preds, gold, types, right, picks = [], [], [], [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         scores, out = answer(model, batch, task)
@@ -430,14 +436,31 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
             preds.extend(vocab.decode(i) for i in scores.argmax(dim=1).tolist())
             gold.extend(batch["answers"])
             types.extend(batch["qtypes"])
+            picks.extend([i for i, ok in zip(row, ok_row, strict=True) if ok] for row, ok_row
+                         in zip(out.selection.index.tolist(), out.selection.mask.tolist(), strict=True))
     result: dict[str, Any] = {"count": len(dataset), "skipped_undecodable": len(records) - len(dataset)}
     if task == "mc":
         result["mc_accuracy"] = 100.0 * sum(right) / len(right)
     else:
         acc = qa_accuracy(preds, gold, [t or "unknown" for t in types])
         result.update(qa_accuracy=acc["accuracy"], per_type=acc["per_type"], count_per_type=acc["count_per_type"])
+        result["distinct_frame_sets_per_clip"] = distinct_sets_per_clip(
+            [clip_key(r) for r in dataset.records], picks)
+        if keep_picks:
+            result["picks"] = picks
     result["frames_read"] = model.cfg.num_frames
     return result
+
+
+def distinct_sets_per_clip(clips: list[str], picks: list[list[int]]) -> float | None:
+    """Mean over clips with ≥ 2 questions of the number of different frame sets their questions got."""
+    sets: dict[str, set[tuple[int, ...]]] = {}
+    counts: dict[str, int] = {}
+    for clip, p in zip(clips, picks, strict=True):
+        sets.setdefault(clip, set()).add(tuple(sorted(p)))
+        counts[clip] = counts.get(clip, 0) + 1
+    multi = [len(sets[c]) for c in sets if counts[c] > 1]
+    return round(sum(multi) / len(multi), 3) if multi else None
 
 
 # ------------------------------------------------------------------------------------------ asking

@@ -147,6 +147,23 @@ def make_captions(meta: dict, count: int, rng: np.random.Generator) -> list[tupl
     return out
 
 
+def make_moment_captions(meta: dict, count: int, rng: np.random.Generator) -> list[tuple[str, list[int]]]:
+    """Long clips: `count` captions that each tell one moment — event k (cycling through the events),
+    half of them anchored to the event before it ("… right after …") — with that event's frame
+    window [start, end)."""
+    facts, events = facts_of(meta), meta["events"]
+    out = []
+    for j in range(count):
+        k = j % len(facts)
+        style = sample_style(rng, 2)
+        text = event_phrase(facts[k], style, 0)
+        if k > 0 and rng.random() < 0.5:
+            anchor = event_phrase(facts[k - 1], style, 1)
+            text = f"{text} right after {anchor}" if style.connective % 2 else f"right after {anchor}, {text}"
+        out.append((PREFIXES[style.prefix] + text, [events[k]["start"], events[k]["end"]]))
+    return out
+
+
 # ----------------------------------------------------------------------------- multiple choice
 
 
@@ -220,12 +237,13 @@ def _noun(fact: Fact, rng: np.random.Generator) -> str:
     return f"{fact.colour} {_pick(rng, SHAPE_WORDS[fact.shape])}"
 
 
-def make_questions(meta: dict, rng: np.random.Generator) -> list[dict]:
+def make_questions(meta: dict, rng: np.random.Generator, long: bool = False) -> list[dict]:
     """Open-ended QA records (question, answer, type, subtype) for one clip.
 
     Types: attribute (colour/shape), action, count, temporal (after/before/first/last; only with
     ≥ 2 events), existence (exactly one yes and one no per clip, so yes/no is balanced).
     Colours and shapes are unique within a clip, so every question has exactly one answer.
+    `long` (long clips) adds event-targeted and order questions (`long_questions`).
     """
     facts = facts_of(meta)
     qa: list[dict] = []
@@ -247,7 +265,49 @@ def make_questions(meta: dict, rng: np.random.Generator) -> list[dict]:
     if len(facts) > 1:
         qa.append(_temporal_question(facts, rng))
     qa.extend(_existence_questions(facts, rng))
+    if long and len(facts) > 1:
+        qa.extend(long_questions(meta, rng))
     return qa
+
+
+def _phrase(fact: Fact, rng: np.random.Generator) -> str:
+    return _pick(rng, VERB_PHRASES[fact.verb])
+
+
+def long_questions(meta: dict, rng: np.random.Generator) -> list[dict]:
+    """Questions whose answer lives in one or two moments of a long clip, each with `moments`: the
+    [start, end) frame windows a reader must see (the anchor event and the asked one).
+
+    event/colour_after  "what colour is the shape that moves left after the triangle bounces?"
+    event/shape_before  "what shape grows before the red object spins?"
+    order/before|after  "does the red circle move left before the blue square grows?" (yes and no equally)
+    """
+    facts, events = facts_of(meta), meta["events"]
+
+    def win(k: int) -> list[int]:
+        return [events[k]["start"], events[k]["end"]]
+
+    out = []
+    k = int(rng.integers(len(facts) - 1))
+    anchor, target = facts[k], facts[k + 1]
+    lead = _pick(rng, ("what colour is the shape that {v} after the {a} {av}?",
+                       "after the {a} {av}, which colour is the object that {v}?"))
+    out.append({"question": lead.format(v=_phrase(target, rng), a=_pick(rng, SHAPE_WORDS[anchor.shape]),
+                                        av=_phrase(anchor, rng)),
+                "answer": target.colour, "type": "event", "subtype": "colour_after", "moments": [win(k), win(k + 1)]})
+    k = int(rng.integers(1, len(facts)))
+    anchor, target = facts[k], facts[k - 1]
+    out.append({"question": f"what shape {_phrase(target, rng)} before the {anchor.colour} object {_phrase(anchor, rng)}?",
+                "answer": target.shape, "type": "event", "subtype": "shape_before", "moments": [win(k - 1), win(k)]})
+    i, j = sorted(int(x) for x in rng.choice(len(facts), size=2, replace=False))
+    word = _pick(rng, ("before", "after"))
+    truth = rng.random() < 0.5   # ask the true order or the swapped one
+    first, second = (i, j) if (word == "before") == truth else (j, i)
+    a, b = facts[first], facts[second]
+    out.append({"question": f"does the {_noun(a, rng)} {VERB_ANSWERS[a.verb]} {word} the {_noun(b, rng)} "
+                            f"{_phrase(b, rng)}?",
+                "answer": "yes" if truth else "no", "type": "order", "subtype": word, "moments": [win(i), win(j)]})
+    return out
 
 
 def _temporal_question(facts: list[Fact], rng: np.random.Generator) -> dict:

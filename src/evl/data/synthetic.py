@@ -50,6 +50,7 @@ from evl.data.synth_text import (
     CaptionStyle,
     answer_vocabulary,
     make_captions,
+    make_moment_captions,
     make_multiple_choice,
     make_questions,
     valid_verbs,
@@ -78,6 +79,9 @@ class SynthConfig:
     noise_std: float = 4.0  # per-frame pixel noise (the background also has static texture noise)
     gop: int = 4
     crf: int = 18
+    min_objects: int = 1
+    event_frames: tuple[int, int] | None = None  # length range of an event that is not short; None: T/4..T/2
+    long_text: bool = False  # one-moment captions, event-targeted and order questions (`long_config`)
 
     def __post_init__(self) -> None:
         if not 4 <= self.frames <= MAX_FRAMES:
@@ -89,6 +93,12 @@ class SynthConfig:
         if not 1 <= self.max_objects <= len(SHAPES):
             raise ValueError(f"max_objects must be in 1..{len(SHAPES)} (shapes are unique per clip), "
                              f"got {self.max_objects}")
+        if not 1 <= self.min_objects <= self.max_objects or 2 * self.min_objects > self.frames:
+            raise ValueError(f"min_objects must be in 1..max_objects ({self.max_objects}) with 2 frames per event "
+                             f"({self.frames} frames), got {self.min_objects}")
+        if self.event_frames is not None and not 2 <= self.event_frames[0] <= self.event_frames[1] <= self.frames:
+            raise ValueError(f"event_frames must be (lo, hi) with 2 <= lo <= hi <= frames ({self.frames}), "
+                             f"got {self.event_frames}")
         if self.captions_per_clip < 1 or self.mc_options < 2:
             raise ValueError("captions_per_clip must be >= 1 and mc_options >= 2, "
                              f"got {self.captions_per_clip} and {self.mc_options}")
@@ -105,6 +115,7 @@ class SynthClip:
     meta: dict
     captions: list[str]
     caption_styles: list[CaptionStyle] = field(default_factory=list, repr=False)
+    moments: list[list[int]] = field(default_factory=list, repr=False)  # long clips: [start, end) per caption
 
 
 @dataclass
@@ -173,9 +184,11 @@ def split_plan(clips: int, cfg: SynthConfig) -> list[tuple[str, bool]]:
     return plan
 
 
-def _event_windows(n: int, frames: int, short_prob: float, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """n non-overlapping [start, end) windows in time order; some only 2–4 frames long."""
-    long_lo, long_hi = max(4, frames // 4), max(5, frames // 2)
+def _event_windows(n: int, frames: int, short_prob: float, rng: np.random.Generator,
+                   long_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """n non-overlapping [start, end) windows in time order; some only 2–4 frames long, the others
+    `long_range` frames (default T/4..T/2)."""
+    long_lo, long_hi = long_range or (max(4, frames // 4), max(5, frames // 2))
     lengths = [int(rng.integers(2, 5)) if rng.random() < short_prob else int(rng.integers(long_lo, long_hi + 1))
                for _ in range(n)]
     lengths = [min(x, frames) for x in lengths]
@@ -250,7 +263,7 @@ def _uniform_ints(rng: np.random.Generator, lo: float, hi: float, n: int, size: 
 def _sample_objects(cfg: SynthConfig, compositional: bool, heldout: list[tuple[str, str, str]],
                     rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(colour, shape, verb) per object: unique colours and shapes; held-out triples only if compositional."""
-    n = int(rng.integers(1, min(cfg.max_objects, cfg.frames // 2) + 1))
+    n = int(rng.integers(cfg.min_objects, min(cfg.max_objects, cfg.frames // 2) + 1))
     forced = heldout[int(rng.integers(len(heldout)))] if compositional and heldout else None
     colours = [c for c in COLOURS if forced is None or c != forced[0]]
     shapes = [s for s in SHAPES if forced is None or s != forced[1]]
@@ -282,7 +295,7 @@ def plan_clip(cfg: SynthConfig, seed: int, index: int, compositional: bool = Fal
              "rgb": [int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in COLOURS[c]]}
             for c, s, _ in triples]
     order = rng.permutation(len(triples))  # which object acts first, second, ...
-    windows = _event_windows(len(triples), cfg.frames, cfg.short_event_prob, rng)
+    windows = _event_windows(len(triples), cfg.frames, cfg.short_event_prob, rng, cfg.event_frames)
     events = [None] * len(triples)
     for (start, end), j in zip(windows, order, strict=True):
         c, s, v = triples[int(j)]
@@ -296,6 +309,17 @@ def plan_clip(cfg: SynthConfig, seed: int, index: int, compositional: bool = Fal
             "events": sorted(events, key=lambda e: e["start"])}
 
 
+def long_config(frames: int = 48, size: int = 64, **overrides) -> SynthConfig:
+    """Long clips (`evl synth --long`): 3–5 events in sequence, each 2–8 frames with idle time between,
+    so the answer to an event-targeted question lives in a few of the T frames (what frame selection is
+    for); captions tell one moment each, and QA adds event-targeted and order questions (with the
+    frame windows that hold the answer). 5 events at most: each object acts once and shapes are unique."""
+    if not 24 <= frames <= MAX_FRAMES:
+        raise ValueError(f"long clips need between 24 and {MAX_FRAMES} frames (48–64 recommended), got {frames}")
+    return SynthConfig(**{"frames": frames, "size": size, "max_objects": 5, "min_objects": 3, "event_frames": (4, 8),
+                          "long_text": True, **overrides})
+
+
 def generate_clip(cfg: SynthConfig, seed: int, index: int, compositional: bool = False,
                   heldout: list[tuple[str, str, str]] | None = None, render: bool = True) -> SynthClip:
     """Generate clip `index` in memory; identical for identical (cfg, seed, index, compositional).
@@ -303,8 +327,11 @@ def generate_clip(cfg: SynthConfig, seed: int, index: int, compositional: bool =
     `render=False` skips the pixels (frames=None) when only the text and metadata are needed.
     """
     meta = plan_clip(cfg, seed, index, compositional, heldout)
-    caps = make_captions(meta, cfg.captions_per_clip, _rng(seed, index, _CAPTIONS))
     frames = render_clip(cfg, seed, meta) if render else None
+    if cfg.long_text:   # each caption tells one moment; `moments` holds its event's frame window
+        caps = make_moment_captions(meta, cfg.captions_per_clip, _rng(seed, index, _CAPTIONS))
+        return SynthClip(frames=frames, meta=meta, captions=[t for t, _ in caps], moments=[m for _, m in caps])
+    caps = make_captions(meta, cfg.captions_per_clip, _rng(seed, index, _CAPTIONS))
     return SynthClip(frames=frames, meta=meta, captions=[t for t, _ in caps], caption_styles=[s for _, s in caps])
 
 
@@ -343,16 +370,21 @@ def build_annotations(clips: list[SynthClip], seed: int, cfg: SynthConfig) -> di
         m = clip.meta
         split, video = m["split"], m["video"]
         extra = {"compositional": m["compositional"]} if split == "test" else {}
+        moments = [{"moment": w} for w in clip.moments] or [{}] * len(clip.captions)
         if split == "train":
             verbs = sorted({e["verb"] for e in m["events"]})
             nouns = sorted({e["noun"] for e in m["events"]})
-            ann["pretrain.json"] += [{"video": video, "caption": c, "verbs": verbs, "nouns": nouns}
-                                     for c in clip.captions]
-        ann[f"retrieval_{split}.json"].append({"video": video, "caption": list(clip.captions), **extra})
-        for q in make_questions(m, _rng(seed, m["index"], _QA)):
+            ann["pretrain.json"] += [{"video": video, "caption": c, "verbs": verbs, "nouns": nouns, **w}
+                                     for c, w in zip(clip.captions, moments, strict=True)]
+        ret = {"moments": clip.moments} if clip.moments else {}
+        ann[f"retrieval_{split}.json"].append({"video": video, "caption": list(clip.captions), **ret, **extra})
+        for q in make_questions(m, _rng(seed, m["index"], _QA), long=cfg.long_text):
             ann[f"qa_{split}.json"].append({"video": video, **q, **extra})
-        styled = list(zip(clip.captions, clip.caption_styles, strict=True))
-        mc = make_multiple_choice(m, styled, cfg.mc_options, _rng(seed, m["index"], _MC))
+        mc_rng = _rng(seed, m["index"], _MC)
+        # long clips: options are whole-clip captions (one style drawn first from the MC stream)
+        styled = (make_captions(m, 1, mc_rng) if cfg.long_text
+                  else list(zip(clip.captions, clip.caption_styles, strict=True)))
+        mc = make_multiple_choice(m, styled, cfg.mc_options, mc_rng)
         ann[f"mc_{split}.json"].append({"video": video, **mc, **extra})
     ann["clips.json"] = [c.meta for c in clips]
     return ann

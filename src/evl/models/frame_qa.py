@@ -5,9 +5,12 @@
     [CLS, question tokens, k·M query outputs + the picks' candidate positions] ──answerer──▶ answer logits
 
 The video and text towers come from any evl checkpoint (`FrameQAModel.from_backbone`) and stay frozen:
-this is an image-language model run on frames (InstructBLIP's layout, at evl's sizes). A frame goes
-through the video tower alone: the frame is repeated `tubelet_size` times to fill one tubelet slot and
-the temporal position embedding is interpolated to that one slot. The answerer sees which candidate
+this is an image-language model run on frames (InstructBLIP's layout, at evl's sizes). A candidate goes
+through the video tower alone, as one tubelet slot (the temporal position embedding interpolated to
+that one slot), filled per `frame_input`: `frame` repeats the frame `tubelet_size` times (a still
+image: no motion), `tubelet` takes the frame and the next `tubelet_size - 1` candidates (clamped to the
+clip's last frame), so each position carries a short motion the tower was pre-trained on, at the same
+token count and cost. The answerer sees which candidate
 each pick was (a learned embedding per candidate index), so temporal questions can use the order.
 
 Selectors (`select`): `all` (k = N), `uniform`, `prompter` (VLAP's Frame-Prompter) and `localizer`
@@ -48,6 +51,7 @@ from evl.models.video import VideoEncoder, VideoEncoderConfig
 
 KIND = "frame_qa"
 SELECTORS = ("all", "uniform", "prompter", "localizer")
+FRAME_INPUTS = ("frame", "tubelet")
 
 
 @dataclass
@@ -66,10 +70,14 @@ class FrameQAConfig:
     tau_start: float = 1.0        # Gumbel temperature, exponential decay over training
     tau_end: float = 0.01
     max_text_len: int = 32        # question tokens (as in training)
+    frame_input: Literal["frame", "tubelet"] = "frame"   # what one candidate position shows the tower
 
     def __post_init__(self) -> None:
         if self.select not in SELECTORS:
             raise ConfigError(f"select: {self.select!r} is not one of {list(SELECTORS)}")
+        if self.frame_input not in FRAME_INPUTS:
+            raise ConfigError(f"model.frame_input: {self.frame_input!r} is not one of {list(FRAME_INPUTS)} (frame: a "
+                              "still frame per position; tubelet: the frame and its next ones, to show motion)")
         if self.num_candidates < 1 or self.num_frames < 1:
             raise ConfigError(f"num_candidates ({self.num_candidates}) and num_frames ({self.num_frames}) must be >= 1")
         if self.select == "all":
@@ -147,22 +155,37 @@ class FrameQAModel(nn.Module):
 
     # ------------------------------------------------------------------ frozen towers
 
-    def _one_slot(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, K, C, H, W) → (B·K, tubelet, C, H, W): each frame fills one tubelet slot on its own."""
-        return frames.flatten(0, 1)[:, None].expand(-1, self.cfg.video.tubelet_size, -1, -1, -1)
+    def _slots(self, frames: torch.Tensor, index: torch.Tensor | None = None,
+               frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C, H, W) candidates → (B·K, tubelet, C, H, W): one tubelet slot per position in `index`
+        (B, K) (all N when None), filled per `frame_input` (see the module docstring)."""
+        b, n = frames.shape[:2]
+        t = self.cfg.video.tubelet_size
+        if index is None:
+            index = torch.arange(n, device=frames.device).expand(b, n)
+        if self.cfg.frame_input == "frame":
+            index = index[..., None].expand(*index.shape, t)
+        else:   # the next candidates, never past the clip's last decoded frame
+            last = (frame_mask.sum(dim=1).clamp(min=1) - 1 if frame_mask is not None
+                    else torch.full((b,), n - 1, device=frames.device))
+            index = torch.minimum(index[..., None] + torch.arange(t, device=frames.device), last.view(b, 1, 1))
+        rows = torch.arange(b, device=frames.device).view(b, 1, 1)
+        return frames[rows, index].flatten(0, 1)
 
     @torch.no_grad()
-    def frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, K, C, H, W) frames → (B, K, 1+P, Dv): the frozen video tower run on each frame alone."""
-        b, k = frames.shape[:2]
-        out = self.video(self._one_slot(frames)).tokens
-        return out.view(b, k, *out.shape[1:])
+    def frame_tokens(self, frames: torch.Tensor, index: torch.Tensor | None = None,
+                     frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C, H, W) candidates → (B, K, 1+P, Dv): the frozen video tower run on each position in
+        `index` (B, K) alone (all N when None)."""
+        b = frames.shape[0]
+        out = self.video(self._slots(frames, index, frame_mask)).tokens
+        return out.view(b, -1, *out.shape[1:])
 
     @torch.no_grad()
-    def patch_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+    def patch_embeddings(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, C, H, W) → (B, N, P, Dv): the tower's patch embeddings only (the prompter's cheap input)."""
         b, n = frames.shape[:2]
-        tokens = self.video.embed(self._one_slot(frames))
+        tokens = self.video.embed(self._slots(frames, None, frame_mask))
         x = tokens.x[:, 1:] if self.video.cls_token is not None else tokens.x
         return x.reshape(b, n, *x.shape[1:])
 
@@ -222,12 +245,11 @@ class FrameQAModel(nn.Module):
         if frame_mask is None:
             frame_mask = torch.ones(b, n, dtype=torch.bool, device=frames.device)
         question = self.question_features(input_ids, attention_mask)
-        patches = self.patch_embeddings(frames) if self.cfg.select == "prompter" else None
-        tokens = self.frame_tokens(frames) if self.cfg.select in ("all", "localizer") else None
+        patches = self.patch_embeddings(frames, frame_mask) if self.cfg.select == "prompter" else None
+        tokens = self.frame_tokens(frames, None, frame_mask) if self.cfg.select in ("all", "localizer") else None
         sel = self.select(frame_mask, question, attention_mask, patches, tokens)
         if tokens is None:
-            rows = torch.arange(b, device=frames.device)[:, None]
-            picked = self.frame_tokens(frames[rows, sel.index])
+            picked = self.frame_tokens(frames, sel.index, frame_mask)
         else:
             picked = gather_picks(tokens, sel)
         return self.read(picked, sel, question, attention_mask, options)
@@ -318,4 +340,4 @@ def _unfused(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".cross_attn." not in k}
 
 
-__all__ = ["FrameQAConfig", "FrameQAModel", "FrameQAOutput", "Localizer", "SELECTORS"]
+__all__ = ["FRAME_INPUTS", "FrameQAConfig", "FrameQAModel", "FrameQAOutput", "Localizer", "SELECTORS"]
