@@ -51,10 +51,7 @@ def _stored(out: Path) -> dict[int, tuple[str, np.ndarray]]:
 
 
 def _query_vector(index) -> np.ndarray:
-    from evl.tasks.evaluate import EvalSettings, embed_texts
-
-    state = index._current()
-    return embed_texts(state.model, [QUERY], state.tokenizer, EvalSettings(device="cpu")).emb.float().numpy()[0]
+    return index._current().model.encode_text([QUERY]).numpy()[0]
 
 
 def _assert_consistent(index, out: Path) -> list:

@@ -322,7 +322,7 @@ def test_user_errors_are_clear(tmp_path, synthvl, teacher, base):
     assert "question is empty" in _error(_invoke(["ask", str(video), "  ", "--model", str(teacher)]))
     missing = _error(_invoke(["ask", str(tmp_path / "nope.mp4"), "what?", "--model", str(teacher)]))
     assert "nope.mp4" in missing
-    assert "not a frame-QA model" in _error(_invoke(["ask", str(video), "what?", "--model", str(base)]))
+    assert "cannot answer" in _error(_invoke(["ask", str(video), "what?", "--model", str(base)]))
 
 
 def test_multiple_choice_scores_each_option_as_the_question(tmp_path, synthvl, base):

@@ -253,40 +253,63 @@ def vlap_eval(
 def ask(
     video: Path = typer.Argument(..., help="A video file (any container FFmpeg reads)."),
     question: str = typer.Argument(..., help="The question, e.g. \"what colour is the square?\""),
-    model: Path = typer.Option(..., "--model", help="Frame-QA checkpoint folder (final/ of `evl vlap train`)."),
+    model: Path = typer.Option(..., "--model", help="A QA checkpoint: final/ of `evl vlap train` (frame QA) or of "
+                               "`evl finetune qa-tiny`."),
     top: int = typer.Option(5, "--top", help="How many answers to list (the answer and its alternatives)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Answer one question about one video: the answer, its score, alternatives, and the frames read."""
+    """Answer one question about one video: the answer, its score, alternatives, and (frame QA) the frames read."""
     import dataclasses
+    import time
 
-    from evl.data.text import tokenizer_for
-    from evl.models.frame_qa import FrameQAModel
-    from evl.vlap import ask as ask_video
+    from evl.api import load
 
     try:
         if top < 1:
             raise EvlError(f"--top {top}: must be >= 1")
-        qa_model = FrameQAModel.from_pretrained(model)
-        result = ask_video(qa_model, FrameQAModel.read_vocab(model), tokenizer_for(qa_model.cfg, model), video,
-                           question, top)
+        t0 = time.perf_counter()
+        result = load(model).answer(video, question, top)
+        seconds = round(time.perf_counter() - t0, 3)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(result)))
+        typer.echo(json.dumps({**dataclasses.asdict(result), "seconds": seconds}))
         return
     typer.echo(f"answer: {result.answer}  (score {result.score:.3f})")
     if result.alternatives:
         typer.echo("alternatives: " + ", ".join(f"{a} {s:.3f}" for a, s in result.alternatives))
-    typer.echo("frames read: " + ", ".join(
-        f"#{f['candidate']} (frame {f['source_frame']}" + (f", {f['time_s']:.2f} s)" if f["time_s"] is not None else ")")
-        for f in result.frames))
+    if result.frames is not None:
+        typer.echo("frames read: " + ", ".join(
+            f"#{f['candidate']} (frame {f['source_frame']}" + (f", {f['time_s']:.2f} s)" if f["time_s"] is not None else ")")
+            for f in result.frames))
+
+
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(..., help="evl checkpoint folder (final/ of `evl pretrain` or `evl finetune`)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the exported encoders (new or empty, or an earlier export)."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write int8 (dynamically quantised) encoders."),
+) -> None:
+    """Export the dual encoder (video + text) as ONNX, checked against PyTorch; load with evl.load(OUT)."""
+    from evl.export import export_onnx
+
+    try:
+        if fmt != "onnx":
+            raise EvlError(f"--format {fmt!r}: the one export format is 'onnx'")
+        info = export_onnx(checkpoint, out, int8=int8)
+    except ImportError as e:
+        _fail(EvlError(f"exporting needs the onnx and onnxruntime packages ({e}); pip install onnx onnxruntime"))
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2))
 
 
 @app.command("index")
 def index_videos(
     video_dir: Path = typer.Argument(..., help="Folder of videos (searched recursively; any container FFmpeg reads)."),
-    model: Path = typer.Option(..., "--model", help="evl checkpoint folder whose dual encoder embeds the videos."),
+    model: Path = typer.Option(..., "--model", help="evl checkpoint folder whose dual encoder embeds the videos, or "
+                               "its `evl export` folder."),
     out: Path | None = typer.Option(None, "--out", help="Index folder (default: VIDEO_DIR/.evl-index)."),
     segment: float | None = typer.Option(
         None, "--segment", help="Index overlapping segments of this many seconds (>= 0.5; a video it would cut into "
@@ -298,6 +321,8 @@ def index_videos(
         "(default: packaged generic queries)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Start the index afresh (a damaged one): delete its "
                                  "meta.sqlite and index.faiss in --out, then encode every video."),
+    backend: str | None = typer.Option(None, "--backend", help="torch (a checkpoint), onnx or onnx-int8 (an `evl export` "
+                                       "folder given as --model); default: what the model folder holds."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Index (or update the index of) a folder of videos: only new or changed files are encoded.
@@ -312,7 +337,7 @@ def index_videos(
     try:
         with _progress() as bar:
             report = build_index(video_dir, model, out, segment, batch_size, approx_above, progress=bar,
-                                 recall_queries=recall_queries, rebuild=rebuild)
+                                 recall_queries=recall_queries, rebuild=rebuild, backend=backend)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:
@@ -354,7 +379,10 @@ def search(
     k: int = typer.Option(10, "-k", help="How many results (1-1000)."),
     rerank: int = typer.Option(0, "--rerank", help="Re-score the dual encoder's top K with the fusion model (0 = off; "
                                "at most 1000)."),
-    model: Path | None = typer.Option(None, "--model", help="Query model (default: the one that built the index)."),
+    model: Path | None = typer.Option(None, "--model", help="Query model (default: the one that built the index): "
+                                      "that checkpoint or its `evl export` folder."),
+    backend: str | None = typer.Option(None, "--backend", help="torch (a checkpoint), onnx or onnx-int8 (an `evl export` "
+                                       "folder given as --model); default: what the model folder holds."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Search an index with a text query: the best matching videos or segments, with scores."""
@@ -363,7 +391,7 @@ def search(
     from evl.search.query import SearchIndex
 
     try:
-        index = SearchIndex(index_dir, model)
+        index = SearchIndex(index_dir, model, backend)
         hits = index.search(query, k, rerank)
     except (EvlError, ValueError) as e:
         _fail(e)
@@ -382,7 +410,10 @@ def serve(
     index_dir: Path = typer.Argument(..., help="Index folder written by `evl index`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default serves this machine only."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    ask_model: Path | None = typer.Option(None, "--ask-model", help="Frame-QA checkpoint (`evl vlap train`) that answers questions."),
+    ask_model: Path | None = typer.Option(None, "--ask-model", help="QA checkpoint that answers questions (`evl vlap "
+                                          "train` or `evl finetune qa-tiny`)."),
+    backend: str | None = typer.Option(None, "--backend", help="How queries are embedded: torch, onnx or onnx-int8 "
+                                       "(default: what the index's model folder holds)."),
 ) -> None:
     """A web page and JSON API over an index: search, thumbnails, play at the matched time, ask questions."""
     from evl.search.app import serve as run_server
@@ -393,7 +424,7 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.secho(f"warning: binding to {host}: anyone who can reach this address can search the index "
                         "and stream its videos", fg=typer.colors.YELLOW, err=True)
-        run_server(index_dir, host, port, ask_model)
+        run_server(index_dir, host, port, ask_model, backend)
     except (EvlError, ValueError) as e:
         _fail(e)
 

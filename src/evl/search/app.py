@@ -25,8 +25,9 @@ MAX_RESULTS = 100
 PAGE = Path(__file__).with_name("page.html")
 
 
-def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> Any:
-    """The FastAPI app over the index at `index_dir`; `ask_model`: a frame-QA checkpoint for questions."""
+def create_app(index_dir: str | Path, ask_model: str | Path | None = None, backend: str | None = None) -> Any:
+    """The FastAPI app over the index at `index_dir`; `ask_model`: a (frame-)QA checkpoint for questions;
+    `backend`: how queries are embedded (`evl.load`'s; default the index model folder's own)."""
     fastapi = optional("fastapi")
     from fastapi import Body, HTTPException, Query, Request
     from fastapi import Path as PathParam
@@ -38,7 +39,7 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
     from evl.search.index import IndexDamaged
     from evl.search.query import SearchIndex
 
-    index = SearchIndex(index_dir)
+    index = SearchIndex(index_dir, backend=backend)
     asker = _load_asker(ask_model) if ask_model else None
     app = fastapi.FastAPI(title="evl search", version="1", description="Text search and questions over indexed videos.")
     app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
@@ -121,7 +122,7 @@ def create_app(index_dir: str | Path, ask_model: str | Path | None = None) -> An
             raise
         except EvlError as e:
             raise HTTPException(400, str(e)) from e
-        return AskAnswer(**vars(result))
+        return AskAnswer(**result)
 
     return app
 
@@ -167,19 +168,26 @@ class BodyCap:
 
 
 def _load_asker(checkpoint: str | Path):
-    from evl.data.text import tokenizer_for
-    from evl.models.frame_qa import FrameQAModel
-    from evl.vlap import ask
+    import time
 
-    model = FrameQAModel.from_pretrained(checkpoint)
-    vocab, tokenizer = FrameQAModel.read_vocab(checkpoint), tokenizer_for(model.cfg, checkpoint)
+    from evl.api import load
+    from evl.errors import ConfigError
 
-    def run(path: Path, question: str, start: float | None, end: float | None):
-        return ask(model, vocab, tokenizer, path, question, start=start, end=end)
+    model = load(checkpoint)
+    if not model.can("answer"):
+        raise ConfigError(f"--ask-model {checkpoint} is a {model.kind!r} model, which cannot answer questions: pass a "
+                          "frame-QA checkpoint (evl vlap train) or a QA one (evl finetune qa-tiny)")
+
+    def run(path: Path, question: str, start: float | None, end: float | None) -> dict:
+        t0 = time.perf_counter()
+        a = model.answer((path, start, end), question)
+        return {"answer": a.answer, "score": a.score, "alternatives": a.alternatives, "frames": a.frames or [],
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     return run
 
 
-def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, ask_model: str | Path | None = None) -> None:
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, ask_model: str | Path | None = None,
+          backend: str | None = None) -> None:
     uvicorn = optional("uvicorn")
-    uvicorn.run(create_app(index_dir, ask_model), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(index_dir, ask_model, backend), host=host, port=port, log_level="warning")

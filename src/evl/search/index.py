@@ -285,11 +285,12 @@ def _take_item_ids(db: sqlite3.Connection, n: int) -> list[int]:
 def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None = None, batch_size: int = 16,
                 approx_above: int = 100_000, thumb_size: int = 96,
                 progress: Callable[[int, int, str], None] | None = None,
-                recall_queries: Path | None = None, rebuild: bool = False) -> IndexReport:
-    """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint`.
-    An approximate index's recall@10 is measured with text queries (what search is asked): the lines of
-    `recall_queries`, or the packaged generic ones. `rebuild` starts the index afresh (a damaged one)."""
-    from evl.models.model import VideoLanguageModel
+                recall_queries: Path | None = None, rebuild: bool = False, backend: str = "torch") -> IndexReport:
+    """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint` (or
+    of an `evl export` folder, `backend` "onnx" / "onnx-int8"). An approximate index's recall@10 is
+    measured with text queries (what search is asked): the lines of `recall_queries`, or the packaged
+    generic ones. `rebuild` starts the index afresh (a damaged one)."""
+    from evl.api import load
 
     t0 = time.perf_counter()
     root, checkpoint, out = Path(root), Path(checkpoint), Path(out)
@@ -299,8 +300,11 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"--model {printable(checkpoint)}: not an evl checkpoint folder (no config.json)")
     queries = read_recall_queries(recall_queries)
-    model = VideoLanguageModel.from_pretrained(checkpoint).eval()
-    fingerprint = model_fingerprint(checkpoint)
+    model = load(checkpoint, backend)
+    if not model.can("encode_video"):
+        raise ConfigError(f"--model {printable(checkpoint)} is a {model.kind!r} model without a dual encoder; index with "
+                          "a retrieval checkpoint (evl pretrain / evl finetune) or its `evl export` folder")
+    fingerprint = model.weights_fingerprint
     prepare_out(out)
     with writer_lock(out):
         if rebuild:   # only the index's own files: the folder may hold anything else
@@ -316,23 +320,19 @@ def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None =
 
 def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, approx_above, thumb_size,
             progress, queries, t0) -> IndexReport:
-    import torch
-
-    from evl.data.annotations import Record
-    from evl.data.text import tokenizer_for, tokenizer_name
+    from evl.data.text import tokenizer_name
     from evl.data.video import load_clip, probe_video
-    from evl.errors import NoDecodableClips, VideoDecodeError
-    from evl.tasks.evaluate import EvalSettings, embed_clips
+    from evl.errors import VideoDecodeError
 
     info = read_info(db)
-    _check_same_model(info, fingerprint, model.cfg.embed_dim, checkpoint, out)
+    _check_same_model(info, fingerprint, model.embed_dim, checkpoint, out)
     if "model_fingerprint" in info and info.get("segment") != str(segment):
         raise ConfigError(f"{printable(out)} was built with --segment {info.get('segment')}; this run asks for {segment}. "
                           "Use the same value, or index into a new folder")
-    tokenizer = tokenizer_for(model.cfg, checkpoint)
+    tokenizer = model.tokenizer
     db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
-        ("model", str(checkpoint.resolve())), ("model_fingerprint", fingerprint),
-        ("embed_dim", str(model.cfg.embed_dim)), ("tokenizer", tokenizer_name(tokenizer)),
+        ("model", str(checkpoint.resolve())), ("model_fingerprint", fingerprint), ("backend", model.backend),
+        ("embed_dim", str(model.embed_dim)), ("tokenizer", tokenizer_name(tokenizer)),
         ("tokenizer_fingerprint", tokenizer.fingerprint), ("root", str(root.resolve())), ("segment", str(segment)),
         ("approx_above", str(approx_above))])
     db.commit()
@@ -357,7 +357,6 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
             continue
         todo.append((rel, path, st, fp, old is not None))
     db.commit()
-    settings = EvalSettings(batch_size=batch_size, device="cpu")
     for n, (rel, path, st, fp, existed) in enumerate(todo):
         if progress is not None:
             progress(n, len(todo), rel)
@@ -371,14 +370,11 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
                                        f"{count or 'unboundedly many'} segments (at most {MAX_SEGMENTS_PER_VIDEO}); "
                                        "index it with a longer --segment")
             windows = segments(meta.duration, segment)
-            records = [Record(video=str(path), start=s, end=e, source=rel) for s, e in windows]
-            gallery = embed_clips(model, records, None, settings)
-            if gallery.undecodable:
-                raise VideoDecodeError(path, f"{gallery.undecodable} of {len(records)} clip(s) could not be decoded")
+            emb = model.encode_video([(path, s, e) for s, e in windows], batch_size=batch_size).numpy()
             thumbs = [png_bytes(_thumbnail(load_clip(path, 1, "uniform", start=s, end=e).frames[0], thumb_size))
                       for s, e in windows]
-        except (VideoDecodeError, NoDecodableClips, OSError) as e:   # one bad file never ends the run
-            reason = _failure_reason(e, path, model.cfg.video.num_frames, windows)
+        except (VideoDecodeError, OSError) as e:   # one bad file never ends the run
+            reason = _failure_reason(e, path, model.num_frames, windows)
             db.execute("INSERT INTO videos (path, size, mtime, fingerprint, error) VALUES (?, ?, ?, ?, ?)",
                        (rel, st.st_size, st.st_mtime, fp, reason))
             db.commit()
@@ -386,7 +382,6 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
             continue
         cur = db.execute("INSERT INTO videos (path, size, mtime, fingerprint, duration, fps) VALUES (?, ?, ?, ?, ?, ?)",
                          (rel, st.st_size, st.st_mtime, fp, meta.duration, meta.fps))
-        emb = gallery.emb.to(torch.float32).numpy()
         ids = _take_item_ids(db, len(windows))
         db.executemany("INSERT INTO items (id, video_id, start, end, thumbnail, embedding) VALUES (?, ?, ?, ?, ?, ?)",
                        [(ids[i], cur.lastrowid, s, e, t, emb[i].tobytes())
@@ -397,11 +392,9 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
                           if p not in report.failed})
 
     def embed_queries() -> np.ndarray:
-        from evl.tasks.evaluate import embed_texts
+        return model.encode_text(queries).numpy()
 
-        return embed_texts(model, queries, tokenizer, settings).emb.to(torch.float32).numpy()
-
-    report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.cfg.embed_dim, approx_above,
+    report.items, report.kind, report.recall_at_10 = write_vector_index(db, out, model.embed_dim, approx_above,
                                                                         embed_queries)
     report.recall_queries = len(queries) if report.recall_at_10 is not None else 0
     report.seconds = round(time.perf_counter() - t0, 2)

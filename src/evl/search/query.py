@@ -25,7 +25,6 @@ from evl.search.index import (
     IndexDamaged,
     connect,
     load_vectors,
-    model_fingerprint,
     printable,
     read_info,
 )
@@ -65,17 +64,17 @@ class SearchIndex:
     then the vectors loaded earlier keep answering, and an item deleted since then is left out of the
     results (item ids are never reused, so a vector never names another item)."""
 
-    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None):
+    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, backend: str | None = None):
         self.dir = Path(index_dir)
         self._model_arg = Path(model_dir) if model_dir is not None else None
+        self._backend = backend                # None: the folder's own (torch checkpoint, onnx export)
         self._lock = threading.Lock()          # one sqlite connection shared by the server's threads
         self._reload = threading.Lock()
         self._refused: tuple | None = None     # the (file, tag) a reload failed on: not retried per query
         self._state = self._load(None)
 
     def _load(self, previous: _Loaded | None) -> _Loaded:
-        from evl.data.text import tokenizer_for
-        from evl.models.model import VideoLanguageModel
+        from evl.api import load
 
         if not (self.dir / DB_FILE).is_file():
             raise ConfigError(f"{printable(self.dir)} is not an evl index (no {DB_FILE}); build one with "
@@ -94,8 +93,11 @@ class SearchIndex:
                 if not (model_dir / "config.json").is_file():
                     raise ConfigError(f"the index's model {printable(model_dir)} is gone (no config.json); pass --model "
                                       "with the checkpoint it was built with (a copy of it is fine)")
-                model = VideoLanguageModel.from_pretrained(model_dir).eval()
-                tokenizer = tokenizer_for(model.cfg, model_dir)
+                model = load(model_dir, self._backend)
+                if not model.can("encode_text"):
+                    raise ConfigError(f"--model {printable(model_dir)} is a {model.kind!r} model without a dual encoder; "
+                                      "query with the checkpoint that built the index or its `evl export` folder")
+                tokenizer = model.tokenizer
                 self._check_model(info, model, tokenizer, model_dir)
             vectors, rebuilt = load_vectors(db, self.dir, info)
         except BaseException:
@@ -106,7 +108,7 @@ class SearchIndex:
     def _check_model(self, info: dict[str, str], model, tokenizer, model_dir: Path) -> None:
         """The query model must be the one that built the index: same weights and tokenizer by content
         (a copied or moved checkpoint is the same model), same embedding width."""
-        mine = {"embedding width": str(model.cfg.embed_dim), "weights fingerprint": model_fingerprint(model_dir),
+        mine = {"embedding width": str(model.embed_dim), "weights fingerprint": model.weights_fingerprint,
                 "tokenizer fingerprint": tokenizer.fingerprint}
         theirs = {"embedding width": info.get("embed_dim"), "weights fingerprint": info.get("model_fingerprint"),
                   "tokenizer fingerprint": info.get("tokenizer_fingerprint", mine["tokenizer fingerprint"])}
@@ -166,10 +168,17 @@ class SearchIndex:
 
         check_query(query, k, rerank)
         state = self._current()
+        if rerank and state.model.backend != "torch":
+            raise ConfigError(f"--rerank {rerank} runs the cross-modal (fusion) part, which is not exported; query with "
+                              "the PyTorch checkpoint (--model CHECKPOINT), or leave --rerank out")
         if state.vectors.ntotal == 0:
             return []
-        text = embed_texts(state.model, [query], state.tokenizer, EvalSettings(device="cpu"), keep_tokens=rerank > 0)
-        q = text.emb.float().numpy()
+        rerank = rerank if state.model.can("match") else 0
+        if rerank:
+            text = embed_texts(state.model.model, [query], state.tokenizer, EvalSettings(device="cpu"), keep_tokens=True)
+            q = text.emb.float().numpy()
+        else:
+            q = state.model.encode_text([query]).numpy()
         shortlist = min(max(k, rerank), int(state.vectors.ntotal))
         scores, ids = state.vectors.search(np.ascontiguousarray(q, dtype=np.float32), shortlist)
         found = [int(i) for i in ids[0] if i >= 0]
@@ -179,7 +188,7 @@ class SearchIndex:
         # an item deleted by a re-index still running is left out (ids are never reused)
         hits = [Hit(int(i), *rows[int(i)], float(s), float(s)) for s, i in zip(scores[0], ids[0], strict=True)
                 if int(i) in rows]
-        if rerank and hits and state.model.has_fusion:
+        if rerank and hits:
             with torch.no_grad():
                 hits = self._rerank(state, text, hits[:rerank]) + hits[rerank:]
         return hits[:k]
@@ -198,11 +207,11 @@ class SearchIndex:
 
         root = Path(state.info["root"])
         records = [Record(video=str(root / h.path), start=h.start, end=h.end) for h in hits]
-        gallery = embed_clips(state.model, records, None, EvalSettings(device="cpu"), keep_tokens=True)
+        gallery = embed_clips(state.model.model, records, None, EvalSettings(device="cpu"), keep_tokens=True)
         where = {key: i for i, key in enumerate(gallery.keys)}
         keep = [(h, where[clip_key(r)]) for h, r in zip(hits, records, strict=True) if clip_key(r) in where]
         rows = torch.tensor([i for _, i in keep])
-        logits = state.model.score_pairs(gallery.features.select(rows),
+        logits = state.model.model.score_pairs(gallery.features.select(rows),
                                          text.select(torch.zeros(len(keep), dtype=torch.long)))
         prob = logits.float().softmax(dim=-1)[:, 1].tolist()
         reranked = [Hit(h.item, h.path, h.start, h.end, p, h.dual_score) for (h, _), p in zip(keep, prob, strict=True)]

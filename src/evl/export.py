@@ -1,0 +1,155 @@
+"""`evl export CKPT --format onnx --out DIR`: the dual encoder as two ONNX graphs, fp32 and int8.
+
+    DIR/video.onnx        frames (B, T, 3, S, S) float32 + frame_mask (B, T) bool → embedding (B, E)
+    DIR/text.onnx         input_ids (B, L) int64 + attention_mask (B, L) int64 → embedding (B, E)
+    DIR/video.int8.onnx   the same graphs with weights quantised to int8 (ONNX Runtime's dynamic
+    DIR/text.int8.onnx    quantisation: MatMul/Gemm weights int8 per tensor, activations quantised per call)
+    DIR/tokenizer.json, config.json (the checkpoint's), export.json (shapes, source, parity measured here)
+
+Batch (and text length) are dynamic axes. The graphs are traced with PyTorch's TorchScript exporter
+(opset 17; torch.export's exporter needs onnxscript and was not needed here) from the model in eval mode; every export is checked against eager PyTorch on a random
+batch with a padded frame and texts of different lengths: fp32 must agree within 1e-4 (max absolute
+difference of the unit-norm embeddings) or the export fails; the int8 graphs' difference and cosine to
+eager fp32 are measured and recorded (`export.json`), not bounded here — `benchmarks/inference.py`
+reports what they cost in retrieval R@1. `evl.load(DIR)` runs them (`backend="onnx"` / `"onnx-int8"`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evl.errors import CheckpointError, ConfigError
+
+FP32_TOLERANCE = 1e-4
+OPSET = 17
+
+
+class VideoEncoderGraph(nn.Module):
+    """What video.onnx computes: `VideoLanguageModel.encode_video` with an explicit frame mask."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_video(frames, frame_mask)
+
+
+class TextEncoderGraph(nn.Module):
+    """What text.onnx computes: `VideoLanguageModel.encode_text`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def _examples(model, batch: int, tokenizer) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    v = model.cfg.video
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(batch, v.num_frames, v.in_channels, v.image_size, v.image_size, generator=g)
+    mask = torch.ones(batch, v.num_frames, dtype=torch.bool)
+    mask[-1, v.num_frames - v.tubelet_size:] = False    # one clip shorter than num_frames
+    texts = ["a red circle moves left", "the square grows and then a blue star spins around", "a cross"]
+    tok = tokenizer((texts * batch)[:batch], max_length=32)
+    return (frames, mask), (tok.input_ids, tok.attention_mask)
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    """int8 weights for MatMul/Gemm only, one scale per tensor: the patch embedding stays a float Conv
+    (ONNX Runtime's integer Conv is slower than its float one on CPUs), and per-channel scales cost
+    more than they gain at these widths (measured: benchmarks/inference.py)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)   # its advice to pre-process the graph first is printed on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+
+
+def _run(path: Path, names: tuple[str, str], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})[0])
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True) -> dict:
+    """Export the dual encoder of `checkpoint` into `out`; returns what export.json records."""
+    import onnx
+    import onnxruntime
+
+    from evl.api import EXPORT_FILE, MAX_TEXT_LEN
+    from evl.checkpoint import read_config
+    from evl.data.text import tokenizer_for
+    from evl.models.model import VideoLanguageModel
+    from evl.search.index import model_fingerprint
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint} is not an evl checkpoint folder (no config.json)")
+    if read_config(checkpoint).get("kind") == "frame_qa":
+        raise ConfigError(f"{checkpoint} is a frame-QA model: only dual encoders are exported (its towers are a "
+                          "copy of the backbone's: export that checkpoint instead)")
+    if out.resolve() == checkpoint.resolve():
+        raise ConfigError(f"--out {out} is the checkpoint folder itself; export into a new folder")
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
+        raise ConfigError(f"--out {out} exists and holds files that are not an evl export; choose a new or empty folder")
+    model = VideoLanguageModel.from_pretrained(checkpoint).eval()
+    tokenizer = tokenizer_for(model.cfg, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    video_in, text_in = _examples(model, 3, tokenizer)
+    graphs = {
+        "video": (VideoEncoderGraph(model).eval(), video_in, ("frames", "frame_mask"),
+                  {"frames": {0: "batch"}, "frame_mask": {0: "batch"}, "embedding": {0: "batch"}}),
+        "text": (TextEncoderGraph(model).eval(), text_in, ("input_ids", "attention_mask"),
+                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                  "embedding": {0: "batch"}}),
+    }
+    parity: dict[str, dict[str, float]] = {}
+    for name, (graph, inputs, names, axes) in graphs.items():
+        path = out / f"{name}.onnx"
+        with warnings.catch_warnings():   # shape checks traced as constants: only batch and length vary
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter: see the module doc
+            torch.onnx.export(graph, inputs, str(path), input_names=list(names), output_names=["embedding"],
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        onnx.checker.check_model(str(path))
+        check = tuple(x[:2] if name == "video" else x for x in inputs)    # another batch size than traced
+        with torch.no_grad():
+            ref = graph(*check).float()
+        diff = float((_run(path, names, check) - ref).abs().max())
+        if diff > FP32_TOLERANCE:
+            raise CheckpointError(f"the exported {name} encoder differs from PyTorch by {diff:.2e} (> "
+                                  f"{FP32_TOLERANCE}); the export is not usable — please report this with the checkpoint")
+        parity[name] = {"fp32_max_abs_diff": diff}
+        if int8:
+            qpath = out / f"{name}.int8.onnx"
+            _quantize(path, qpath)
+            q = _run(qpath, names, check)
+            parity[name].update(int8_max_abs_diff=float((q - ref).abs().max()),
+                                int8_min_cosine=float(torch.nn.functional.cosine_similarity(q, ref).min()))
+    for name in ("config.json", "tokenizer.json"):
+        src = checkpoint / name if (checkpoint / name).is_file() else tokenizer.source / name
+        shutil.copyfile(src, out / name)
+    v = model.cfg.video
+    info = {"format": "onnx", "source": str(checkpoint.resolve()), "source_fingerprint": model_fingerprint(checkpoint),
+            "num_frames": v.num_frames, "image_size": v.image_size, "max_text_len": MAX_TEXT_LEN,
+            "embed_dim": model.cfg.embed_dim, "opset": OPSET, "int8": int8, "parity": parity,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
