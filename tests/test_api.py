@@ -78,6 +78,25 @@ def test_dual_embeddings_are_the_evaluation_paths(one_torch_thread, trained, syn
     assert window.shape == (1, emb.shape[1]) and not torch.allclose(window[0], emb[0])
 
 
+def test_a_dual_only_checkpoint_encodes_and_refuses_fusion(one_torch_thread, tiny_model_dict_factory, synthvl, tmp_path):
+    from evl.models.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(tiny_model_dict_factory("none", vocab_size=30522))
+    net.save_pretrained(tmp_path / "dual")
+    model = evl.load(tmp_path / "dual")
+    assert model.kind == "dual" and repr(model).startswith("EvlModel(kind='dual'")
+    assert [a for a in ("encode_video", "encode_text", "similarity", "match", "answer") if model.can(a)] == [
+        "encode_video", "encode_text", "similarity"]
+    videos = _videos(synthvl)[:2]
+    frames, mask = model.preprocess(videos[0])
+    with torch.no_grad():
+        ref = net.eval().encode_video(frames[None], None if bool(mask.all()) else mask[None])
+    assert torch.allclose(model.encode_video(videos[0]), ref, atol=1e-6)
+    with pytest.raises(ConfigError, match="cannot match: that needs a checkpoint with a fusion part"):
+        model.match(videos[0], "a red circle")
+
+
 def test_match_gives_a_probability_per_text(one_torch_thread, trained, synthvl):
     final, caps = trained
     model = evl.load(final)

@@ -274,6 +274,14 @@ def test_teacher_then_prompter_student_with_distillation_then_eval_and_ask(tmp_p
     assert all(f["time_s"] is not None and f["time_s"] >= 0 for f in out["frames"])
     text = _ok(_invoke(["ask", str(video), "what colour is the square?", "--model", str(ckpt)]))
     assert text.startswith(f"answer: {out['answer']}") and "frames read: #" in text
+    import evl
+
+    loaded = evl.load(ckpt)
+    assert loaded.kind == "frame_qa" and loaded.can("answer") and not loaded.can("encode_text")
+    direct = loaded.answer(video, "what colour is the square?")
+    assert (direct.answer, direct.frames) == (out["answer"], out["frames"])
+    with pytest.raises(ConfigError, match="cannot encode_video"):
+        loaded.encode_video(video)
 
 
 def test_localizer_baseline_trains_on_the_teachers_pseudo_labels(tmp_path, synthvl, teacher):

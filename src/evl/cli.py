@@ -224,10 +224,9 @@ def vlap_eval(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Accuracy of a frame-QA checkpoint, overall and per question type, reading the frames it selects."""
+    from evl.api import load
     from evl.checkpoint import read_config
     from evl.data.annotations import read_annotations
-    from evl.data.text import tokenizer_for
-    from evl.models.frame_qa import FrameQAModel
     from evl.vlap import check_task, evaluate_features, extract_features, videos_dir
 
     try:
@@ -235,15 +234,18 @@ def vlap_eval(
             raise EvlError(f"--task {task}: must be qa or mc")
         if not data.is_file():
             raise EvlError(f"--data {data}: no such annotation file")
-        model = FrameQAModel.from_pretrained(checkpoint)
+        loaded = load(checkpoint)
+        if loaded.kind != "frame_qa":
+            raise EvlError(f"{checkpoint} holds a {loaded.kind!r} video-language model, not a frame-QA model (kind "
+                           "'frame_qa'): train one with `evl vlap train`, or evaluate this one with `evl eval`")
+        model = loaded.model
         trained_on = read_config(checkpoint).get("metadata", {}).get("task", task)
         if trained_on != task:
             raise EvlError(f"{checkpoint} was trained for task {trained_on}; evaluate it with --task {trained_on}")
         records = read_annotations(data)
         check_task(records, task, str(data))
         feats = extract_features(model, records, videos_dir(str(videos) if videos else None, data, records), None)
-        metrics = evaluate_features(model, records, feats, tokenizer_for(model.cfg, checkpoint),
-                                    FrameQAModel.read_vocab(checkpoint), task)
+        metrics = evaluate_features(model, records, feats, loaded.tokenizer, loaded.vocab, task)
     except (EvlError, ValueError) as e:
         _fail(e)
     typer.echo(json.dumps(metrics) if as_json else "\n".join(f"{k:24s} {v}" for k, v in metrics.items()))
@@ -444,11 +446,10 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
-    from evl.data.text import tokenizer_for
-    from evl.models.model import VideoLanguageModel
-    from evl.recipes import evaluate_checkpoint_model, find_answer_vocab
+    from evl.api import load
+    from evl.models.model import OTHER_CHECKPOINT_KINDS
+    from evl.recipes import evaluate_checkpoint_model
     from evl.tasks.evaluate import EvalSettings
-    from evl.tasks.qa import AnswerVocab
     from evl.tasks.registry import get_task
     from evl.train.dist import pick_device
 
@@ -466,17 +467,17 @@ def evaluate(
         if not data.is_file():
             raise EvlError(f"--data {data}: no such annotation file")
         pick_device(device, key="--device")
-        model = VideoLanguageModel.from_pretrained(checkpoint)
-        vocab = None
-        if spec.uses_answer_vocab:
-            vocab_file = find_answer_vocab(checkpoint)
-            if vocab_file is None:
-                raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
-                               "for QA (task=qa)")
-            vocab = AnswerVocab.from_json(vocab_file.read_text())
+        model = load(checkpoint)
+        if model.kind == "frame_qa":
+            raise EvlError(f"{checkpoint} holds {OTHER_CHECKPOINT_KINDS['frame_qa']}, not a video-language model: "
+                           f"evaluate it with `evl vlap eval {checkpoint} --data ANNOTATION`")
+        if spec.uses_answer_vocab and model.vocab is None:
+            raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
+                           "for QA (task=qa)")
         settings = EvalSettings(batch_size=batch_size, rerank_k=rerank_k, device=device)
-        metrics = evaluate_checkpoint_model(model, task, data, videos, tokenizer_for(model.cfg, checkpoint),
-                                            settings, vocab=vocab, fmt=fmt, num_frames=frames, split=split)
+        metrics = evaluate_checkpoint_model(model.model, task, data, videos, model.tokenizer, settings,
+                                            vocab=model.vocab if spec.uses_answer_vocab else None, fmt=fmt,
+                                            num_frames=frames, split=split)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:
