@@ -292,6 +292,8 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder for the exported encoders (new or empty, or an earlier export)."),
     fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write int8 (dynamically quantised) encoders."),
+    frames: int | None = typer.Option(None, "--frames", help="Frames per clip the exported video encoder reads "
+                                      "(default: the model's; fewer run proportionally faster)."),
 ) -> None:
     """Export the dual encoder (video + text) as ONNX, checked against PyTorch; load with evl.load(OUT)."""
     from evl.export import export_onnx
@@ -299,7 +301,7 @@ def export(
     try:
         if fmt != "onnx":
             raise EvlError(f"--format {fmt!r}: the one export format is 'onnx'")
-        info = export_onnx(checkpoint, out, int8=int8)
+        info = export_onnx(checkpoint, out, int8=int8, num_frames=frames)
     except ImportError as e:
         _fail(EvlError(f"exporting needs the onnx and onnxruntime packages ({e}); pip install onnx onnxruntime"))
     except (EvlError, ValueError) as e:

@@ -3,7 +3,8 @@
     DIR/video.onnx        frames (B, T, 3, S, S) float32 + frame_mask (B, T) bool → embedding (B, E)
     DIR/text.onnx         input_ids (B, L) int64 + attention_mask (B, L) int64 → embedding (B, E)
     DIR/video.int8.onnx   the same graphs with weights quantised to int8 (ONNX Runtime's dynamic
-    DIR/text.int8.onnx    quantisation: MatMul/Gemm weights int8 per tensor, activations quantised per call)
+    DIR/text.int8.onnx    quantisation: MatMul/Gemm weights int8 — per tensor for video, per channel for
+                          text —, activations quantised per call)
     DIR/tokenizer.json, config.json (the checkpoint's), export.json (shapes, source, parity measured here)
 
 Batch (and text length) are dynamic axes. The graphs are traced with PyTorch's TorchScript exporter
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evl.data import MAX_FRAMES
 from evl.errors import CheckpointError, ConfigError
 
 FP32_TOLERANCE = 1e-4
@@ -52,21 +54,22 @@ class TextEncoderGraph(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
-def _examples(model, batch: int, tokenizer) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _examples(model, batch: int, tokenizer, num_frames: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     v = model.cfg.video
     g = torch.Generator().manual_seed(0)
-    frames = torch.randn(batch, v.num_frames, v.in_channels, v.image_size, v.image_size, generator=g)
-    mask = torch.ones(batch, v.num_frames, dtype=torch.bool)
-    mask[-1, v.num_frames - v.tubelet_size:] = False    # one clip shorter than num_frames
+    frames = torch.randn(batch, num_frames, v.in_channels, v.image_size, v.image_size, generator=g)
+    mask = torch.ones(batch, num_frames, dtype=torch.bool)
+    mask[-1, num_frames - v.tubelet_size:] = False    # one clip shorter than num_frames
     texts = ["a red circle moves left", "the square grows and then a blue star spins around", "a cross"]
     tok = tokenizer((texts * batch)[:batch], max_length=32)
     return (frames, mask), (tok.input_ids, tok.attention_mask)
 
 
-def _quantize(src: Path, dst: Path) -> None:
-    """int8 weights for MatMul/Gemm only, one scale per tensor: the patch embedding stays a float Conv
-    (ONNX Runtime's integer Conv is slower than its float one on CPUs), and per-channel scales cost
-    more than they gain at these widths (measured: benchmarks/inference.py)."""
+def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
+    """int8 weights for MatMul/Gemm only: the patch embedding stays a float Conv (ONNX Runtime's integer
+    Conv is slower than its float one on CPUs). The video encoder takes one scale per tensor (faster,
+    embeddings at cosine ≥ 0.9999 of fp32 here); the text encoder one per output channel — per tensor,
+    MiniLM's weights lost 0.6 R@1 (cosine down to 0.91), per channel they keep it (benchmarks/inference.py)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -75,7 +78,7 @@ def _quantize(src: Path, dst: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)   # its advice to pre-process the graph first is printed on the root logger
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                          op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
@@ -88,8 +91,10 @@ def _run(path: Path, names: tuple[str, str], inputs: tuple[torch.Tensor, ...]) -
     return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})[0])
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True) -> dict:
-    """Export the dual encoder of `checkpoint` into `out`; returns what export.json records."""
+def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True, num_frames: int | None = None) -> dict:
+    """Export the dual encoder of `checkpoint` into `out`; returns what export.json records.
+    `num_frames`: frames per clip the exported video encoder reads (default: the model's; fewer frames
+    cost proportionally less — the temporal position embedding is interpolated, as `evl eval --frames` does)."""
     import onnx
     import onnxruntime
 
@@ -110,9 +115,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True) -> d
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
         raise ConfigError(f"--out {out} exists and holds files that are not an evl export; choose a new or empty folder")
     model = VideoLanguageModel.from_pretrained(checkpoint).eval()
+    v = model.cfg.video
+    num_frames = num_frames or v.num_frames
+    if num_frames < v.tubelet_size or num_frames % v.tubelet_size or num_frames > MAX_FRAMES:
+        raise ConfigError(f"--frames {num_frames}: must be a multiple of the model's tubelet size ({v.tubelet_size}), "
+                          f"at most {MAX_FRAMES}")
     tokenizer = tokenizer_for(model.cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    video_in, text_in = _examples(model, 3, tokenizer)
+    video_in, text_in = _examples(model, 3, tokenizer, num_frames)
     graphs = {
         "video": (VideoEncoderGraph(model).eval(), video_in, ("frames", "frame_mask"),
                   {"frames": {0: "batch"}, "frame_mask": {0: "batch"}, "embedding": {0: "batch"}}),
@@ -139,16 +149,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True) -> d
         parity[name] = {"fp32_max_abs_diff": diff}
         if int8:
             qpath = out / f"{name}.int8.onnx"
-            _quantize(path, qpath)
+            _quantize(path, qpath, per_channel=name == "text")
             q = _run(qpath, names, check)
             parity[name].update(int8_max_abs_diff=float((q - ref).abs().max()),
                                 int8_min_cosine=float(torch.nn.functional.cosine_similarity(q, ref).min()))
     for name in ("config.json", "tokenizer.json"):
         src = checkpoint / name if (checkpoint / name).is_file() else tokenizer.source / name
         shutil.copyfile(src, out / name)
-    v = model.cfg.video
     info = {"format": "onnx", "source": str(checkpoint.resolve()), "source_fingerprint": model_fingerprint(checkpoint),
-            "num_frames": v.num_frames, "image_size": v.image_size, "max_text_len": MAX_TEXT_LEN,
+            "num_frames": num_frames, "trained_num_frames": v.num_frames, "image_size": v.image_size, "max_text_len": MAX_TEXT_LEN,
             "embed_dim": model.cfg.embed_dim, "opset": OPSET, "int8": int8, "parity": parity,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
