@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vlap_frames.json"
 VARIANTS = {
@@ -57,10 +59,10 @@ def _common(args, data: Path, out: str, steps: int, seed: int) -> list[str]:
             f"model.num_candidates={args.candidates}", f"model.frame_input={args.frame_input}"]
 
 
-def moment_coverage(summary: dict, data: Path, candidates: int, any_window: bool = False) -> dict:
-    """Share of the test questions with `moments` (long clips) whose every answer window [start, end)
-    (`any_window`: at least one of them) holds a picked candidate (candidate n shows source frame
-    sample_indices(T, N)[n]), by question type."""
+def test_details(checkpoint: str, data: Path, candidates: int) -> dict:
+    """Per test question: right or wrong (`hits`, in qa_test.json order, with `types`) and, for long clips,
+    which share of the questions with `moments` had every answer window [start, end) — or at least one
+    (`_any`) — hold a picked candidate (candidate n shows source frame sample_indices(T, N)[n]), by type."""
     from evl.data.annotations import read_annotations
     from evl.data.text import tokenizer_for
     from evl.data.video import sample_indices
@@ -68,22 +70,24 @@ def moment_coverage(summary: dict, data: Path, candidates: int, any_window: bool
     from evl.vlap import evaluate_features, extract_features
 
     records = read_annotations(data / "annotations" / "qa_test.json")
-    if not any("moments" in r.meta for r in records):
-        return {}
-    frames = json.loads((data / "meta.json").read_text())["frames"]
-    source = sample_indices(frames, candidates, "uniform")
-    ckpt = summary["checkpoint"]
-    model = FrameQAModel.from_pretrained(ckpt)
-    feats = extract_features(model, records, str(data / "videos"), Path(ckpt).parent.parent / "features")
-    picks = evaluate_features(model, records, feats, tokenizer_for(model.cfg, ckpt), FrameQAModel.read_vocab(ckpt),
-                              "qa", keep_picks=True)["picks"]
-    hits: dict[str, list[bool]] = {}
-    for r, p in zip(records, picks, strict=True):
-        if "moments" in r.meta:
-            shown = [source[i] for i in p]
-            covered = [any(a <= f < b for f in shown) for a, b in r.meta["moments"]]
-            hits.setdefault(r.qtype, []).append(any(covered) if any_window else all(covered))
-    return {t: round(100.0 * sum(h) / len(h), 1) for t, h in sorted(hits.items())}
+    model = FrameQAModel.from_pretrained(checkpoint)
+    feats = extract_features(model, records, str(data / "videos"), Path(checkpoint).parent.parent / "features")
+    res = evaluate_features(model, records, feats, tokenizer_for(model.cfg, checkpoint),
+                            FrameQAModel.read_vocab(checkpoint), "qa", keep_picks=True)
+    out = {"hits": res["correct"], "types": [r.qtype for r in records]}
+    if any("moments" in r.meta for r in records):
+        source = sample_indices(json.loads((data / "meta.json").read_text())["frames"], candidates, "uniform")
+        every: dict[str, list[bool]] = {}
+        some: dict[str, list[bool]] = {}
+        for r, p in zip(records, res["picks"], strict=True):
+            if "moments" in r.meta:
+                shown = [source[i] for i in p]
+                covered = [any(a <= f < b for f in shown) for a, b in r.meta["moments"]]
+                every.setdefault(r.qtype, []).append(all(covered))
+                some.setdefault(r.qtype, []).append(any(covered))
+        out["moment_coverage"] = {t: round(100.0 * sum(h) / len(h), 1) for t, h in sorted(every.items())}
+        out["moment_coverage_any"] = {t: round(100.0 * sum(h) / len(h), 1) for t, h in sorted(some.items())}
+    return out
 
 
 def _row(name: str, k: int, seed: int, summary: dict, args, data: Path) -> dict:
@@ -93,8 +97,7 @@ def _row(name: str, k: int, seed: int, summary: dict, args, data: Path) -> dict:
             "event": test["per_type"].get("event"), "order": test["per_type"].get("order"),
             "per_type": test["per_type"], "count_per_type": test.get("count_per_type"),
             "distinct_frame_sets_per_clip": test.get("distinct_frame_sets_per_clip"),
-            "moment_coverage": moment_coverage(summary, data, args.candidates) if args.long else {},
-            "moment_coverage_any": moment_coverage(summary, data, args.candidates, True) if args.long else {},
+            **test_details(summary["checkpoint"], data, args.candidates),
             "train_s": round(summary["train_time_s"], 1),
             "final_losses": summary["final_losses"], "checkpoint": summary["checkpoint"]}
 
@@ -104,10 +107,10 @@ def train_rows(args, data: Path, backbone: str) -> list[dict]:
 
     cache = args.work / "rows.jsonl"
     rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
-    if args.recount and args.long:   # rows cached before a coverage measure was added
+    if args.recount:   # rows cached before per-question hits and the coverage measures were kept
         for r in rows:
-            if "moment_coverage_any" not in r and Path(r["checkpoint"]).is_dir():
-                r["moment_coverage_any"] = moment_coverage({"checkpoint": r["checkpoint"]}, data, args.candidates, True)
+            if "hits" not in r and Path(r["checkpoint"]).is_dir():
+                r.update(test_details(r["checkpoint"], data, args.candidates))
         cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def done(name: str, k: int, seed: int) -> dict | None:
@@ -118,7 +121,8 @@ def train_rows(args, data: Path, backbone: str) -> list[dict]:
         rows.append(row)
         with cache.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({k_: v for k_, v in row.items() if k_ not in ("per_type", "count_per_type")}), flush=True)
+        print(json.dumps({k_: v for k_, v in row.items() if k_ not in ("per_type", "count_per_type", "hits", "types")}),
+              flush=True)
 
     tag_in = "" if args.frame_input == "frame" else f"-{args.frame_input}"
     for seed in args.seeds:
@@ -193,6 +197,49 @@ def baselines(data: Path) -> dict:
             "per_type_majority_by_type": {t: round(v, 1) for t, v in per_type["per_type"].items()}}
 
 
+def _acc(row: dict, qtype: str | None) -> np.ndarray:
+    hits = np.asarray(row["hits"], dtype=float)
+    return hits if qtype is None else hits[np.asarray(row["types"]) == qtype]
+
+
+def summarise(rows: list[dict], boot: int = 2000) -> list[dict]:
+    """Per (method, k): accuracy overall and on event / order questions (mean over seeds, 95% bootstrap
+    interval over seeds and questions), and the paired difference to uniform-k (same seed, same
+    questions). Rows without per-question hits are left out."""
+    rng = np.random.default_rng(0)
+    rows = [r for r in rows if "hits" in r]
+    out = []
+    for method, k in dict.fromkeys((r["method"], r["k"]) for r in rows):
+        mine = {r["seed"]: r for r in rows if (r["method"], r["k"]) == (method, k)}
+        base = {r["seed"]: r for r in rows if (r["method"], r["k"]) == ("uniform", k)}
+        entry = {"method": method, "k": k, "seeds": sorted(mine)}
+        for qtype in (None, "event", "order", "action", "temporal"):
+            name = qtype or "all"
+            per_seed = {s: _acc(r, qtype) for s, r in mine.items()}
+            if not all(len(a) for a in per_seed.values()):
+                continue
+            entry[name] = _boot_stat(per_seed, rng, boot)
+            paired = sorted(set(mine) & set(base))
+            if method != "uniform" and paired:
+                entry[f"{name}_minus_uniform"] = _boot_stat({s: per_seed[s] - _acc(base[s], qtype) for s in paired},
+                                                            rng, boot)
+        out.append(entry)
+    return out
+
+
+def _boot_stat(per_seed: dict, rng: np.random.Generator, boot: int) -> dict:
+    """Mean (%) over seeds of per-question values, and a 95% bootstrap interval resampling seeds, then
+    questions within each drawn seed."""
+    seeds = sorted(per_seed)
+    means = []
+    for _ in range(boot):
+        drawn = [per_seed[seeds[int(i)]] for i in rng.integers(0, len(seeds), len(seeds))]
+        means.append(np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in drawn]))
+    return {"mean": round(100 * float(np.mean([per_seed[s].mean() for s in seeds])), 1),
+            "per_seed": {str(s): round(100 * float(per_seed[s].mean()), 1) for s in seeds},
+            "ci95": [round(100 * float(np.percentile(means, q)), 1) for q in (2.5, 97.5)]}
+
+
 def _stat(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -250,7 +297,8 @@ def _write(args, rows, latency, complete: bool = False, baselines: dict | None =
         median = {key: {m: round(statistics.median(p["latency"][key][m] for p in passes if key in p["latency"]), 3)
                         for m in passes[-1]["latency"][key]} for key in passes[-1]["latency"]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpu": cpu_info(), "settings": settings, "rows": rows, "latency": latency,
+    args.json.write_text(json.dumps({"cpu": cpu_info(), "settings": settings, "summary": summarise(rows),
+                                     "rows": rows, "latency": latency,
                                      "latency_passes": passes, "latency_median": median,
                                      "baselines": baselines, "complete": complete}, indent=2, default=str))
 
@@ -276,7 +324,7 @@ def main() -> None:
     ap.add_argument("--frame-input", choices=["frame", "tubelet"], default="frame",
                     help="what a candidate position shows the tower (tubelet: the frame and the next one)")
     ap.add_argument("--backbone-recipe", default="pretrain-tiny", help="pre-training recipe of the backbone")
-    ap.add_argument("--recount", action="store_true", help="add coverage measures missing from cached rows")
+    ap.add_argument("--recount", action="store_true", help="add per-question hits and coverage to cached rows")
     args = ap.parse_args()
     args.candidates = args.candidates or (32 if args.long else 16)
     import torch

@@ -417,7 +417,8 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
     """Accuracy (overall and per question type) from pre-extracted features; which frames were picked:
     `distinct_frame_sets_per_clip` (QA: how many different candidate sets a clip's questions got — 1.0
     means the question never changes the selection) and, with `keep_picks`, every record's picks
-    (`picks`: candidate indices in temporal order, in the order of the dataset's records)."""
+    (`picks`: candidate indices in temporal order) and whether it was answered right (`correct`, 0/1),
+    in the order of the dataset's records."""
     from evl.tasks.qa import qa_accuracy
 
     if task == "qa" and vocab is None:
@@ -448,6 +449,7 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
             [clip_key(r) for r in dataset.records], picks)
         if keep_picks:
             result["picks"] = picks
+            result["correct"] = [int(a == b) for a, b in zip(preds, gold, strict=True)]
     result["frames_read"] = model.cfg.num_frames
     return result
 
