@@ -76,6 +76,10 @@ def test_dual_embeddings_are_the_evaluation_paths(one_torch_thread, trained, syn
     assert torch.allclose(model.encode_video(torch.stack(frames), torch.stack(masks)), emb[:3], atol=1e-6)
     window = model.encode_video([(videos[0], 0.0, 0.5)])
     assert window.shape == (1, emb.shape[1]) and not torch.allclose(window[0], emb[0])
+    assert torch.allclose(model.encode_video((videos[0], 0.0, 0.5)), window)      # one window alone
+    assert torch.allclose(model.encode_video(tuple(videos[:3])), emb[:3], atol=1e-6)   # a tuple of files
+    with pytest.raises(ConfigError, match=r"\(file, start seconds, end seconds\)"):
+        model.preprocess((videos[0], "soon", 2))
 
 
 def test_a_dual_only_checkpoint_encodes_and_refuses_fusion(one_torch_thread, tiny_model_dict_factory, synthvl, tmp_path):

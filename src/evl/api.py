@@ -147,7 +147,7 @@ class EvlModel:
             mask = frame_mask if frame_mask is not None else torch.ones(videos.shape[:2], dtype=torch.bool)
             return torch.cat([self._video_batch(videos[i:i + batch_size], mask[i:i + batch_size])
                               for i in range(0, len(videos), batch_size)])
-        items = [videos] if isinstance(videos, (str, Path, tuple)) else list(videos)
+        items = [videos] if isinstance(videos, (str, Path)) or _is_window(videos) else list(videos)
         if not items:
             raise ConfigError("no videos given")
         out = []
@@ -300,9 +300,15 @@ def _load_onnx(path: Path, backend: str, threads: int | None) -> EvlModel:
                     meta["max_text_len"], meta["embed_dim"], sessions=sessions, fingerprint=meta["source_fingerprint"])
 
 
+def _is_window(video: Any) -> bool:
+    """(file, start, end) with numbers (or None) for the times — not a tuple of files."""
+    return (isinstance(video, tuple) and len(video) == 3 and isinstance(video[0], (str, Path))
+            and all(t is None or isinstance(t, (int, float)) for t in video[1:]))
+
+
 def _video_input(video: VideoInput) -> tuple[Path, float | None, float | None]:
     if isinstance(video, tuple):
-        if len(video) != 3:
+        if not _is_window(video):
             raise ConfigError(f"a video window is (file, start seconds, end seconds), got {video!r}")
         return Path(video[0]), video[1], video[2]
     if not isinstance(video, (str, Path)):
