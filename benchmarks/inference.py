@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--index", action="store_true", help="also time `evl index` of the test videos per backend")
+    ap.add_argument("--supersede", default=None, help="why the earlier passes in --json no longer count (they are "
+                    "kept under superseded_passes)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _meta import finish_meta, run_meta
@@ -196,8 +198,12 @@ def main() -> None:
         index_s = time_index(args, videos, Path(tmp)) if args.index else None
         previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
         same = previous.get("checkpoint") == str(args.checkpoint.resolve()) and previous.get("data") == str(args.data.resolve())
-        passes = (previous.get("passes", []) if same else []) + [{"meta": finish_meta(meta), "timing": run_pass(
-            args, fns, frames, masks, captions, args.repeats)}]
+        superseded = previous.get("superseded_passes", []) if same else []
+        if same and args.supersede:   # earlier passes measured something since fixed: kept, out of the table
+            superseded += [{**p, "superseded_because": args.supersede} for p in previous.get("passes", [])]
+        passes = (previous.get("passes", []) if same and not args.supersede else []) + [{
+            "meta": finish_meta(meta), "timing": run_pass(args, fns, frames, masks, captions, args.repeats),
+            "index_s": index_s}]
     for name in fns:
         for key in passes[-1]["timing"][name]:
             rows[name][key] = round(statistics.median(p["timing"][name][key] for p in passes if name in p["timing"]), 3)
@@ -208,7 +214,7 @@ def main() -> None:
     out = {"meta": finish_meta(meta), "checkpoint": str(args.checkpoint.resolve()), "data": str(args.data.resolve()),
            "test_clips": len(records), "queries": len(captions), "decode_preprocess_ms_per_clip": round(decode_ms, 2),
            "export_s": round(export_s, 1), "export_parity": export["parity"], "index_s": index_s, "rows": rows,
-           "passes": passes}
+           "passes": passes, "superseded_passes": superseded}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'backend':15s} {'clips/s b1':>10s} {'clips/s b32':>11s} {'x b1':>6s} {'x b32':>6s} {'text ms b1':>10s} "
