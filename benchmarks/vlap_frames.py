@@ -227,6 +227,24 @@ def summarise(rows: list[dict], boot: int = 2000) -> list[dict]:
     return out
 
 
+def compare_inputs(rows: list[dict], boot: int = 2000) -> list[dict]:
+    """tubelet − frame input, paired by (method, k, seed) and question: overall and per question type."""
+    rng = np.random.default_rng(0)
+    by = {(r["method"], r["k"], r["seed"], r.get("frame_input", "frame")): r for r in rows if "hits" in r}
+    out = []
+    for method, k in dict.fromkeys((m, k) for m, k, _, _ in by):
+        seeds = sorted(s for m, kk, s, fi in by if (m, kk, fi) == (method, k, "tubelet") and (m, kk, s, "frame") in by)
+        if not seeds:
+            continue
+        entry = {"method": method, "k": k, "seeds": seeds}
+        for qtype in (None, "event", "order", "action", "temporal"):
+            pairs = {s: _acc(by[(method, k, s, "tubelet")], qtype) - _acc(by[(method, k, s, "frame")], qtype) for s in seeds}
+            if all(len(a) for a in pairs.values()):
+                entry[f"{qtype or 'all'}_tubelet_minus_frame"] = _boot_stat(pairs, rng, boot)
+        out.append(entry)
+    return out
+
+
 def _boot_stat(per_seed: dict, rng: np.random.Generator, boot: int) -> dict:
     """Mean (%) over seeds of per-question values, and a 95% bootstrap interval resampling seeds, then
     questions within each drawn seed."""
@@ -325,8 +343,20 @@ def main() -> None:
                     help="what a candidate position shows the tower (tubelet: the frame and the next one)")
     ap.add_argument("--backbone-recipe", default="pretrain-tiny", help="pre-training recipe of the backbone")
     ap.add_argument("--recount", action="store_true", help="add per-question hits and coverage to cached rows")
+    ap.add_argument("--compare-inputs", action="store_true", help="write tubelet − frame paired differences of the "
+                    "rows cached in --work to --json, and stop")
     args = ap.parse_args()
     args.candidates = args.candidates or (32 if args.long else 16)
+    if args.compare_inputs:
+        rows = [json.loads(line) for line in (args.work / "rows.jsonl").read_text().splitlines()]
+        sys.path.insert(0, str(HERE))
+        from _meta import finish_meta, run_meta
+
+        result = {"meta": finish_meta(run_meta()), "comparison": compare_inputs(rows)}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        for e in result["comparison"]:
+            print(e["method"], e["k"], {k: (v["mean"], v["ci95"]) for k, v in e.items() if k.endswith("_minus_frame")})
+        return
     import torch
 
     sys.path.insert(0, str(HERE))

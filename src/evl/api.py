@@ -296,7 +296,7 @@ def _load_onnx(path: Path, backend: str, threads: int | None) -> EvlModel:
     if threads:
         options.intra_op_num_threads = threads
     # ONNX Runtime's threads busy-wait after each call by default: between calls (decoding the next video,
-    # other work) they would take the CPU from everything else (measured: `evl index` 1.7x slower)
+    # other work) they would take the CPU from everything else (`evl index` was slower than with PyTorch)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = tuple(ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for f in files)
     return EvlModel(path, "onnx", backend, meta["num_frames"], meta["image_size"], Tokenizer.from_pretrained(path),

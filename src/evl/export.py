@@ -67,9 +67,9 @@ def _examples(model, batch: int, tokenizer, num_frames: int) -> tuple[tuple[torc
 
 def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
     """int8 weights for MatMul/Gemm only: the patch embedding stays a float Conv (ONNX Runtime's integer
-    Conv is slower than its float one on CPUs). The video encoder takes one scale per tensor (faster,
-    embeddings at cosine ≥ 0.9999 of fp32 here); the text encoder one per output channel — per tensor,
-    MiniLM's weights lost 0.6 R@1 (cosine down to 0.91), per channel they keep it (benchmarks/inference.py)."""
+    Conv is slower than its float one on CPUs). The video encoder takes one scale per tensor (faster;
+    its embeddings stay close to fp32); the text encoder one per output channel — with one scale per
+    tensor MiniLM's embeddings drifted much further from fp32 in development. export.json records both."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
