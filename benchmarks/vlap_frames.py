@@ -348,6 +348,8 @@ def main() -> None:
     args = ap.parse_args()
     args.candidates = args.candidates or (32 if args.long else 16)
     if args.compare_inputs:
+        if args.work is None or args.json == RESULTS:
+            ap.error("--compare-inputs reads WORK/rows.jsonl and writes its own file: give --work and --json")
         rows = [json.loads(line) for line in (args.work / "rows.jsonl").read_text().splitlines()]
         sys.path.insert(0, str(HERE))
         from _meta import finish_meta, run_meta

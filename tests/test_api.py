@@ -193,6 +193,25 @@ def test_index_and_search_run_on_the_exported_encoders(exported, trained, synthv
                                                 str(exported), "--backend", "onnx"]))
 
 
+def test_a_re_export_leaves_nothing_stale_and_indexes_do_not_mix_frame_counts(exported, trained, synthvl, tmp_path):
+    final, caps = trained
+    out = tmp_path / "again"
+    assert invoke(["export", str(final), "--out", str(out)]).exit_code == 0
+    assert invoke(["export", str(final), "--out", str(out), "--no-int8", "--frames", "2"]).exit_code == 0
+    assert not list(out.glob("*.int8.onnx")) and json.loads((out / "export.json").read_text())["num_frames"] == 2
+    with pytest.raises(CheckpointError, match="no video.int8.onnx"):
+        evl.load(out, backend="onnx-int8")
+    assert "ONNX export" in error_line(invoke(["eval", str(out), "--task", "retrieval", "--data",
+                                               str(synthvl / "annotations" / "retrieval_test.json")]))
+    idx = tmp_path / "idx"
+    assert invoke(["index", str(synthvl / "videos"), "--model", str(exported), "--backend", "onnx-int8",
+                   "--out", str(idx)]).exit_code == 0
+    from evl.search.query import SearchIndex
+
+    assert SearchIndex(idx)._current().model.backend == "onnx-int8"    # queries default to what built the index
+    assert "reads 2" in error_line(invoke(["index", str(synthvl / "videos"), "--model", str(out), "--out", str(idx)]))
+
+
 def test_export_refuses_what_it_cannot_export(trained, tmp_path):
     module("onnxruntime", "pip install -e '.[dev]' (or pip install onnxruntime)")
     final, _ = trained

@@ -322,10 +322,11 @@ def test_long_questions_target_the_events_their_moments_name(long_text_only):
         first, second = (_event_at(meta, w) for w in r["moments"])
         assert first["start"] < second["start"]
         if r["subtype"] == "colour_after":   # the asked event comes right after the anchor
-            assert meta["events"].index(second) == meta["events"].index(first) + 1
+            assert meta["events"].index(second) == meta["events"].index(first) + 1 and "right after" in r["question"]
             assert r["answer"] == second["colour"] and f"the {second['colour']}" not in r["question"]
         elif r["subtype"] == "shape_before":
-            assert r["answer"] == first["noun"]
+            assert r["answer"] == first["noun"] and "just before" in r["question"]
+            assert meta["events"].index(second) == meta["events"].index(first) + 1
             assert f"the {second['colour']} object" in r["question"]
         else:
             named = sorted((r["question"].index(f" {e['colour']} "), e) for e in (first, second))
@@ -351,6 +352,8 @@ def test_long_config_and_cli_refuse_too_few_frames(tmp_path):
         SynthConfig(frames=4, min_objects=3)
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--long", "--frames", "16"])
     assert bad.exit_code != 0 and "24" in bad.output
+    zero = CliRunner().invoke(app, ["synth", str(tmp_path / "z"), "--frames", "0"])
+    assert zero.exit_code != 0 and "frames" in zero.output
     ok = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--long", "--clips", "4", "--frames", "24", "--size", "32"])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "y" / "meta.json").read_text())["frames"] == 24

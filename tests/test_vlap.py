@@ -324,6 +324,9 @@ def test_user_errors_are_clear(tmp_path, synthvl, teacher, base):
     other_n = _recipe(tmp_path, synthvl, "z", backbone=str(base), teacher=str(teacher),
                       model={"select": "prompter", "num_frames": 2, "num_candidates": 4})
     assert "num_candidates=6" in _error(_invoke(["vlap", "train", str(other_n)]))
+    moving = _recipe(tmp_path, synthvl, "m", init=str(teacher), model={"select": "uniform", "num_frames": 2,
+                                                                      "frame_input": "tubelet"})
+    assert "frame_input='frame'" in _error(_invoke(["vlap", "train", str(moving)]))
     assert "needs teacher=" in _error(_invoke(["vlap", "train", str(_recipe(
         tmp_path, synthvl, "w", backbone=str(base), model={"select": "localizer", "num_frames": 2}))]))
     video = next((synthvl / "videos").glob("*.mp4"))

@@ -51,8 +51,10 @@ def synth(
     from evl.data.synthetic import long_config, write_synthvl
 
     try:
-        cfg = long_config(frames or 48, size) if long else None
-        summary = write_synthvl(out_dir, clips=clips, seed=seed, frames=frames or 16, size=size, cfg=cfg)
+        default = 48 if long else 16
+        cfg = long_config(default if frames is None else frames, size) if long else None
+        summary = write_synthvl(out_dir, clips=clips, seed=seed, frames=default if frames is None else frames,
+                                size=size, cfg=cfg)
     except (EvlError, ValueError) as e:
         _fail(e)
     except OSError as e:
@@ -269,8 +271,9 @@ def ask(
     try:
         if top < 1:
             raise EvlError(f"--top {top}: must be >= 1")
-        t0 = time.perf_counter()
-        result = load(model).answer(video, question, top)
+        loaded = load(model)
+        t0 = time.perf_counter()   # decoding + answering, as before: not the checkpoint's loading
+        result = loaded.answer(video, question, top)
         seconds = round(time.perf_counter() - t0, 3)
     except (EvlError, ValueError) as e:
         _fail(e)
@@ -470,6 +473,9 @@ def evaluate(
             raise EvlError(f"--data {data}: no such annotation file")
         pick_device(device, key="--device")
         model = load(checkpoint)
+        if model.kind == "onnx":
+            raise EvlError(f"{checkpoint} is an ONNX export of the dual encoder: evaluate the checkpoint it was "
+                           "exported from (export.json names it), or run the export with evl.load / evl index")
         if model.kind == "frame_qa":
             raise EvlError(f"{checkpoint} holds {OTHER_CHECKPOINT_KINDS['frame_qa']}, not a video-language model: "
                            f"evaluate it with `evl vlap eval {checkpoint} --data ANNOTATION`")

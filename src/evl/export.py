@@ -59,7 +59,7 @@ def _examples(model, batch: int, tokenizer, num_frames: int) -> tuple[tuple[torc
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(batch, num_frames, v.in_channels, v.image_size, v.image_size, generator=g)
     mask = torch.ones(batch, num_frames, dtype=torch.bool)
-    mask[-1, num_frames - v.tubelet_size:] = False    # one clip shorter than num_frames
+    mask[0, num_frames - v.tubelet_size:] = False    # one clip shorter than num_frames (row 0: also checked)
     texts = ["a red circle moves left", "the square grows and then a blue star spins around", "a cross"]
     tok = tokenizer((texts * batch)[:batch], max_length=32)
     return (frames, mask), (tok.input_ids, tok.attention_mask)
@@ -116,13 +116,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True, num_
         raise ConfigError(f"--out {out} exists and holds files that are not an evl export; choose a new or empty folder")
     model = VideoLanguageModel.from_pretrained(checkpoint).eval()
     v = model.cfg.video
-    num_frames = num_frames or v.num_frames
+    num_frames = v.num_frames if num_frames is None else num_frames
     if num_frames < v.tubelet_size or num_frames % v.tubelet_size or num_frames > MAX_FRAMES:
         raise ConfigError(f"--frames {num_frames}: must be a multiple of the model's tubelet size ({v.tubelet_size}), "
                           f"at most {MAX_FRAMES}")
     tokenizer = tokenizer_for(model.cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
+    for old in [out / EXPORT_FILE, *out.glob("*.onnx")]:   # an earlier export here: nothing of it may stay
+        old.unlink(missing_ok=True)
     video_in, text_in = _examples(model, 3, tokenizer, num_frames)
+    texts = ["a cross", "the green star spins around and then the red box moves to the left side"]
+    tok = tokenizer(texts, max_length=32)   # another batch size and text length than traced
+    checks = {"video": tuple(x[:2] for x in video_in), "text": (tok.input_ids, tok.attention_mask)}
     graphs = {
         "video": (VideoEncoderGraph(model).eval(), video_in, ("frames", "frame_mask"),
                   {"frames": {0: "batch"}, "frame_mask": {0: "batch"}, "embedding": {0: "batch"}}),
@@ -139,7 +144,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True, num_
             torch.onnx.export(graph, inputs, str(path), input_names=list(names), output_names=["embedding"],
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         onnx.checker.check_model(str(path))
-        check = tuple(x[:2] if name == "video" else x for x in inputs)    # another batch size than traced
+        check = checks[name]
         with torch.no_grad():
             ref = graph(*check).float()
         diff = float((_run(path, names, check) - ref).abs().max())

@@ -292,6 +292,9 @@ def _check_same_towers(a: FrameQAModel, b: FrameQAModel, where: str) -> None:
     if a.cfg.num_candidates != b.cfg.num_candidates:
         raise ConfigError(f"{where} reads num_candidates={b.cfg.num_candidates} frames but this model "
                           f"model.num_candidates={a.cfg.num_candidates}; they must match")
+    if a.cfg.frame_input != b.cfg.frame_input:
+        raise ConfigError(f"{where} reads model.frame_input={b.cfg.frame_input!r} but this model {a.cfg.frame_input!r}: "
+                          "its features would mean something else; set model.frame_input to match")
 
 
 def build_model(recipe: VLAPRecipe, num_answers: int) -> FrameQAModel:

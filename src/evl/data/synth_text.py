@@ -278,8 +278,9 @@ def long_questions(meta: dict, rng: np.random.Generator) -> list[dict]:
     """Questions whose answer lives in one or two moments of a long clip, each with `moments`: the
     [start, end) frame windows a reader must see (the anchor event and the asked one).
 
-    event/colour_after  "what colour is the shape that moves left after the triangle bounces?"
-    event/shape_before  "what shape grows before the red object spins?"
+    event/colour_after  "what colour is the shape that moves left right after the triangle bounces?"
+    event/shape_before  "what shape grows just before the red object spins?"  (the neighbouring event:
+                        "right after" / "just before" keep the answer unique when two objects share a verb)
     order/before|after  "does the red circle move left before the blue square grows?" (yes and no equally)
     """
     facts, events = facts_of(meta), meta["events"]
@@ -290,14 +291,15 @@ def long_questions(meta: dict, rng: np.random.Generator) -> list[dict]:
     out = []
     k = int(rng.integers(len(facts) - 1))
     anchor, target = facts[k], facts[k + 1]
-    lead = _pick(rng, ("what colour is the shape that {v} after the {a} {av}?",
-                       "after the {a} {av}, which colour is the object that {v}?"))
+    # "right after" / "just before": the neighbouring event, so a verb another object shares is no second answer
+    lead = _pick(rng, ("what colour is the shape that {v} right after the {a} {av}?",
+                       "right after the {a} {av}, which colour is the object that {v}?"))
     out.append({"question": lead.format(v=_phrase(target, rng), a=_pick(rng, SHAPE_WORDS[anchor.shape]),
                                         av=_phrase(anchor, rng)),
                 "answer": target.colour, "type": "event", "subtype": "colour_after", "moments": [win(k), win(k + 1)]})
     k = int(rng.integers(1, len(facts)))
     anchor, target = facts[k], facts[k - 1]
-    out.append({"question": f"what shape {_phrase(target, rng)} before the {anchor.colour} object {_phrase(anchor, rng)}?",
+    out.append({"question": f"what shape {_phrase(target, rng)} just before the {anchor.colour} object {_phrase(anchor, rng)}?",
                 "answer": target.shape, "type": "event", "subtype": "shape_before", "moments": [win(k - 1), win(k)]})
     i, j = sorted(int(x) for x in rng.choice(len(facts), size=2, replace=False))
     word = _pick(rng, ("before", "after"))

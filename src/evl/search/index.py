@@ -285,7 +285,7 @@ def _take_item_ids(db: sqlite3.Connection, n: int) -> list[int]:
 def build_index(root: Path, checkpoint: Path, out: Path, segment: float | None = None, batch_size: int = 16,
                 approx_above: int = 100_000, thumb_size: int = 96,
                 progress: Callable[[int, int, str], None] | None = None,
-                recall_queries: Path | None = None, rebuild: bool = False, backend: str = "torch") -> IndexReport:
+                recall_queries: Path | None = None, rebuild: bool = False, backend: str | None = None) -> IndexReport:
     """Index (or update the index of) the videos under `root` with the dual encoder of `checkpoint` (or
     of an `evl export` folder, `backend` "onnx" / "onnx-int8"). An approximate index's recall@10 is
     measured with text queries (what search is asked): the lines of `recall_queries`, or the packaged
@@ -326,12 +326,16 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
 
     info = read_info(db)
     _check_same_model(info, fingerprint, model.embed_dim, checkpoint, out)
+    if info.get("num_frames", str(model.num_frames)) != str(model.num_frames):   # e.g. an `evl export --frames` copy
+        raise ConfigError(f"{printable(out)} was built reading {info['num_frames']} frames per clip; {printable(checkpoint)} "
+                          f"reads {model.num_frames}: their vectors do not mix. Use the same model, or index into a new folder")
     if "model_fingerprint" in info and info.get("segment") != str(segment):
         raise ConfigError(f"{printable(out)} was built with --segment {info.get('segment')}; this run asks for {segment}. "
                           "Use the same value, or index into a new folder")
     tokenizer = model.tokenizer
     db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
         ("model", str(checkpoint.resolve())), ("model_fingerprint", fingerprint), ("backend", model.backend),
+        ("num_frames", str(model.num_frames)),
         ("embed_dim", str(model.embed_dim)), ("tokenizer", tokenizer_name(tokenizer)),
         ("tokenizer_fingerprint", tokenizer.fingerprint), ("root", str(root.resolve())), ("segment", str(segment)),
         ("approx_above", str(approx_above))])
@@ -374,7 +378,7 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
             thumbs = [png_bytes(_thumbnail(load_clip(path, 1, "uniform", start=s, end=e).frames[0], thumb_size))
                       for s, e in windows]
         except (VideoDecodeError, OSError) as e:   # one bad file never ends the run
-            reason = _failure_reason(e, path, model.num_frames, windows)
+            reason = _failure_reason(e)
             db.execute("INSERT INTO videos (path, size, mtime, fingerprint, error) VALUES (?, ?, ?, ?, ?)",
                        (rel, st.st_size, st.st_mtime, fp, reason))
             db.commit()
@@ -401,23 +405,14 @@ def _update(db, root, checkpoint, out, model, fingerprint, segment, batch_size, 
     return report
 
 
-def _failure_reason(err: Exception, path: Path, num_frames: int, windows: list) -> str:
-    """Why a file could not be indexed, in words: the decoder's reason where there is one (the gallery
-    builder only logs it, so the first window is decoded once more to get it)."""
-    from evl.data.video import load_clip
+def _failure_reason(err: Exception) -> str:
+    """Why a file could not be indexed, in words: the decoder's reason (the first window that failed)."""
     from evl.errors import VideoDecodeError
 
     if isinstance(err, VideoDecodeError):
         return err.reason
     if isinstance(err, OSError):
         return f"cannot read the file: {err}"
-    try:
-        start, end = windows[0]
-        load_clip(path, num_frames, "uniform", start=start, end=end)
-    except VideoDecodeError as e:
-        return e.reason
-    except OSError as e:
-        return f"cannot read the file: {e}"
     return str(err)
 
 

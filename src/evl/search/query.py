@@ -93,7 +93,10 @@ class SearchIndex:
                 if not (model_dir / "config.json").is_file():
                     raise ConfigError(f"the index's model {printable(model_dir)} is gone (no config.json); pass --model "
                                       "with the checkpoint it was built with (a copy of it is fine)")
-                model = load(model_dir, self._backend)
+                same_folder = self._model_arg is None or self._model_arg.resolve() == Path(info["model"]).resolve()
+                # by default, queries run on what built the index (e.g. onnx-int8 of an export folder)
+                backend = self._backend or (info.get("backend") if same_folder else None)
+                model = load(model_dir, backend)
                 if not model.can("encode_text"):
                     raise ConfigError(f"--model {printable(model_dir)} is a {model.kind!r} model without a dual encoder; "
                                       "query with the checkpoint that built the index or its `evl export` folder")
