@@ -64,6 +64,7 @@ def test_details(checkpoint: str, data: Path, candidates: int) -> dict:
     which share of the questions with `moments` had every answer window [start, end) — or at least one
     (`_any`) — hold a picked candidate (candidate n shows source frame sample_indices(T, N)[n]), by type."""
     from evl.data.annotations import read_annotations
+    from evl.data.datasets import clip_key
     from evl.data.text import tokenizer_for
     from evl.data.video import sample_indices
     from evl.models.frame_qa import FrameQAModel
@@ -72,6 +73,7 @@ def test_details(checkpoint: str, data: Path, candidates: int) -> dict:
     records = read_annotations(data / "annotations" / "qa_test.json")
     model = FrameQAModel.from_pretrained(checkpoint)
     feats = extract_features(model, records, str(data / "videos"), Path(checkpoint).parent.parent / "features")
+    records = [r for r in records if clip_key(r) in feats.row]   # what evaluate_features answers, in its order
     res = evaluate_features(model, records, feats, tokenizer_for(model.cfg, checkpoint),
                             FrameQAModel.read_vocab(checkpoint), "qa", keep_picks=True)
     out = {"hits": res["correct"], "types": [r.qtype for r in records]}
@@ -92,7 +94,8 @@ def test_details(checkpoint: str, data: Path, candidates: int) -> dict:
 
 def _row(name: str, k: int, seed: int, summary: dict, args, data: Path) -> dict:
     test = summary["test"]
-    return {"method": name, "k": k, "seed": seed, "frame_input": args.frame_input, "accuracy": test["qa_accuracy"],
+    return {"method": name, "k": k, "seed": seed, "frame_input": args.frame_input, "candidates": args.candidates,
+            "accuracy": test["qa_accuracy"],
             "temporal": test["per_type"].get("temporal"), "action": test["per_type"].get("action"),
             "event": test["per_type"].get("event"), "order": test["per_type"].get("order"),
             "per_type": test["per_type"], "count_per_type": test.get("count_per_type"),
@@ -114,8 +117,9 @@ def train_rows(args, data: Path, backbone: str) -> list[dict]:
         cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def done(name: str, k: int, seed: int) -> dict | None:
-        return next((r for r in rows if (r["method"], r["k"], r["seed"], r.get("frame_input", "frame"))
-                     == (name, k, seed, args.frame_input) and Path(r["checkpoint"]).is_dir()), None)
+        return next((r for r in rows if (r["method"], r["k"], r["seed"], r.get("frame_input", "frame"),
+                                          r.get("candidates", args.candidates))
+                     == (name, k, seed, args.frame_input, args.candidates) and Path(r["checkpoint"]).is_dir()), None)
 
     def keep(row: dict) -> None:
         rows.append(row)

@@ -77,6 +77,9 @@ def test_dual_embeddings_are_the_evaluation_paths(one_torch_thread, trained, syn
     window = model.encode_video([(videos[0], 0.0, 0.5)])
     assert window.shape == (1, emb.shape[1]) and not torch.allclose(window[0], emb[0])
     assert torch.allclose(model.encode_video((videos[0], 0.0, 0.5)), window)      # one window alone
+    import numpy as np
+
+    assert torch.allclose(model.encode_video((videos[0], np.float32(0.0), np.float64(0.5))), window)
     assert torch.allclose(model.encode_video(tuple(videos[:3])), emb[:3], atol=1e-6)   # a tuple of files
     with pytest.raises(ConfigError, match=r"\(file, start seconds, end seconds\)"):
         model.preprocess((videos[0], "soon", 2))
@@ -130,6 +133,8 @@ def test_what_a_model_cannot_do_is_a_clear_error(one_torch_thread, trained, synt
         model.answer(video, "what colour is the square?")
     with pytest.raises(ConfigError, match=r"\(N, T, 3, S, S\)"):
         model.encode_video(torch.zeros(4, 3, 32, 32))
+    with pytest.raises(ConfigError, match="N >= 1"):
+        model.encode_video(torch.zeros(0, 4, 3, 32, 32))
     with pytest.raises(EvlError, match="nope.mp4"):
         model.encode_video([video, tmp_path / "nope.mp4"])
     with pytest.raises(ConfigError, match="non-empty list of strings"):
@@ -168,6 +173,8 @@ def test_onnx_export_matches_pytorch_and_int8_stays_close(exported, trained, syn
         fp32.match(videos[0], "a red circle")
     with pytest.raises(ConfigError, match="is an ONNX export"):
         evl.load(exported, backend="torch")
+    with pytest.raises(ConfigError, match="this export reads 4 frames per clip, the tensor has 2"):
+        fp32.encode_video(torch.zeros(1, 2, 3, 32, 32))
 
 
 def test_index_and_search_run_on_the_exported_encoders(exported, trained, synthvl, tmp_path):

@@ -27,6 +27,7 @@ Embeddings are L2-normalised float32 tensors on the CPU.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +142,12 @@ class EvlModel:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         if isinstance(videos, torch.Tensor):
-            if videos.dim() != 5:
-                raise ConfigError(f"a frames tensor must be (N, T, 3, S, S) preprocessed frames, got shape "
+            if videos.dim() != 5 or not len(videos):
+                raise ConfigError(f"a frames tensor must be (N, T, 3, S, S) preprocessed frames with N >= 1, got shape "
                                   f"{tuple(videos.shape)}; pass file paths, or model.preprocess(path) stacked")
+            if self.kind == "onnx" and videos.shape[1] != self.num_frames:
+                raise ConfigError(f"this export reads {self.num_frames} frames per clip, the tensor has {videos.shape[1]}; "
+                                  f"preprocess with model.preprocess (or re-export with --frames {videos.shape[1]})")
             mask = frame_mask if frame_mask is not None else torch.ones(videos.shape[:2], dtype=torch.bool)
             return torch.cat([self._video_batch(videos[i:i + batch_size], mask[i:i + batch_size])
                               for i in range(0, len(videos), batch_size)])
@@ -195,7 +199,7 @@ class EvlModel:
         self._need("match")
         frames, mask = self.preprocess(video)
         tok = self.tokenize([texts] if isinstance(texts, str) else texts)
-        v = self.model.video_features(frames[None], mask[None]).select(torch.zeros(len(tok.input_ids), dtype=torch.long))
+        v = self.model.video_features(frames[None], _mask(mask)).select(torch.zeros(len(tok.input_ids), dtype=torch.long))
         t = self.model.text_features(tok.input_ids, tok.attention_mask)
         return self.model.score_pairs(v, t).float().softmax(dim=-1)[:, 1]
 
@@ -215,7 +219,7 @@ class EvlModel:
             return Answer(r.answer, r.score, [tuple(a) for a in r.alternatives], r.frames)
         frames, mask = self.preprocess(video)
         tok = self.tokenize([question])
-        v = self.model.video_features(frames[None], mask[None])
+        v = self.model.video_features(frames[None], _mask(mask))
         probs = self.model.answer(v, self.model.text_features(tok.input_ids, tok.attention_mask))[0].float().softmax(-1)
         values, ids = probs.topk(min(top, probs.numel()))
         ranked = [(self.vocab.decode(int(i)), round(float(p), 4)) for p, i in zip(values, ids, strict=True)]
@@ -246,10 +250,12 @@ def load(path: str | Path, backend: Backend | None = None, threads: int | None =
                               f"{source} with backend='torch'")
         return _load_onnx(path, backend, threads)
     backend = backend or "torch"
-    if backend != "torch":
-        raise ConfigError(f"{path} is a PyTorch checkpoint; backend={backend!r} runs an exported model: "
-                          f"`evl export {path} --format onnx --out DIR`, then evl.load(DIR, backend={backend!r})")
     kind = read_config(path).get("kind")
+    if backend != "torch":
+        if kind == "frame_qa":
+            raise ConfigError(f"{path} is a frame-QA model, which runs with backend='torch' only (it is not exported)")
+        raise ConfigError(f"{path} is a PyTorch checkpoint; backend={backend!r} runs an exported model: "
+                          f"`evl export {path} --format onnx --out DIR`, then load DIR with backend {backend!r}")
     if kind == "frame_qa":
         return _load_frame_qa(path)
     return _load_video_language(path)
@@ -303,17 +309,22 @@ def _load_onnx(path: Path, backend: str, threads: int | None) -> EvlModel:
                     meta["max_text_len"], meta["embed_dim"], sessions=sessions, fingerprint=meta["source_fingerprint"])
 
 
+def _mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """(1, T) frame mask, or None when every frame is real (attention's fast path, as evaluation does)."""
+    return None if bool(mask.all()) else mask[None]
+
+
 def _is_window(video: Any) -> bool:
     """(file, start, end) with numbers (or None) for the times — not a tuple of files."""
     return (isinstance(video, tuple) and len(video) == 3 and isinstance(video[0], (str, Path))
-            and all(t is None or isinstance(t, (int, float)) for t in video[1:]))
+            and all(t is None or (isinstance(t, numbers.Real) and not isinstance(t, bool)) for t in video[1:]))
 
 
 def _video_input(video: VideoInput) -> tuple[Path, float | None, float | None]:
     if isinstance(video, tuple):
         if not _is_window(video):
             raise ConfigError(f"a video window is (file, start seconds, end seconds), got {video!r}")
-        return Path(video[0]), video[1], video[2]
+        return Path(video[0]), *(None if t is None else float(t) for t in video[1:])
     if not isinstance(video, (str, Path)):
         raise ConfigError(f"a video is a file path or (file, start, end), got {type(video).__name__}")
     return Path(video), None, None
