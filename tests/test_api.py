@@ -148,6 +148,9 @@ def test_what_a_model_cannot_do_is_a_clear_error(one_torch_thread, trained, synt
     with pytest.raises(ConfigError, match=r"evl export .* --format onnx --out DIR"):
         evl.load(final, backend="onnx")
     assert "cannot answer" in error_line(invoke(["ask", str(video), "what?", "--model", str(final)]))
+    odd = error_line(invoke(["eval", str(final), "--task", "retrieval", "--frames", "3", "--data",
+                             str(synthvl / "annotations" / "retrieval_test.json")]))
+    assert "--frames 3: must be a multiple of the model's tubelet size (2 frames" in odd
 
 
 # ------------------------------------------------------------------------------------------- ONNX

@@ -479,6 +479,10 @@ def evaluate(
         if model.kind == "frame_qa":
             raise EvlError(f"{checkpoint} holds {OTHER_CHECKPOINT_KINDS['frame_qa']}, not a video-language model: "
                            f"evaluate it with `evl vlap eval {checkpoint} --data ANNOTATION`")
+        tubelet = model.model.cfg.video.tubelet_size
+        if frames is not None and frames % tubelet:
+            raise EvlError(f"--frames {frames}: must be a multiple of the model's tubelet size ({tubelet} frames per "
+                           f"token), e.g. --frames {max(tubelet, frames - frames % tubelet)}")
         if spec.uses_answer_vocab and model.vocab is None:
             raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
                            "for QA (task=qa)")

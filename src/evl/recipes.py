@@ -26,7 +26,7 @@ from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import ANSWERS_FILE, get_task
 from evl.train.objective import TrainObjective
-from evl.train.state import check_out_dir
+from evl.train.state import FINAL_DIR, SUMMARY_FILE, check_out_dir
 from evl.train.trainer import SKIP_WARN_RATE, Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
         return summary
     if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
         model = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
-    final = out_dir / "final"
+    final = out_dir / FINAL_DIR
     with staged_dir(final) as staged:   # final/ appears whole or not at all
         model.save_pretrained(staged)
         shutil.copyfile(tokenizer.source / "tokenizer.json", staged / "tokenizer.json")
@@ -204,7 +204,7 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
                                                     cfg.eval, vocab=vocab, fmt=cfg.data.format,
                                                     train_records=train_ds.records, num_frames=num_frames,
                                                     split=cfg.data.test_split)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 

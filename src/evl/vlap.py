@@ -45,7 +45,7 @@ from evl.models.frame_prompter import Selection, temperature_at
 from evl.models.frame_qa import FrameQAConfig, FrameQAModel
 from evl.models.qformer import TokenMap
 from evl.recipes import DataConfig
-from evl.train.state import check_out_dir
+from evl.train.state import FINAL_DIR, SUMMARY_FILE, check_out_dir
 from evl.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
                                    "train_time_s": result.wall_time_s, "undecodable_clips": feats.bad}
         if not ctx.is_main:
             return summary
-        final = out_dir / "final"
+        final = out_dir / FINAL_DIR
         with staged_dir(final) as staged:   # final/ appears whole or not at all
             model.save_pretrained(staged, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
             (staged / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
@@ -395,7 +395,7 @@ def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
                                           recipe.data.backend)
             summary["test"] = evaluate_features(model, test, test_feats, tokenizer, vocab, recipe.task,
                                                 recipe.batch_size_eval, recipe.data.max_text_len)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
         return summary
     finally:
         ctx.close()

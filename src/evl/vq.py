@@ -28,6 +28,7 @@ from evl.models.masking import normalize_targets, patchify
 from evl.models.video import VideoEncoder
 from evl.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig, check_same_tubelets
 from evl.recipes import DataConfig
+from evl.train.state import FINAL_DIR, SUMMARY_FILE
 from evl.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -169,11 +170,11 @@ def train_tokenizer(recipe: VQRecipe, resume: bool = False) -> dict[str, Any]:
             return summary
         summary["usage"] = codebook_usage(tokenizer, _eval_view(data, clip), collate, recipe.usage_clips,
                                           recipe.train.batch_size)
-        final = Path(recipe.train.out_dir) / "final"
+        final = Path(recipe.train.out_dir) / FINAL_DIR
         with staged_dir(final) as staged:   # final/ appears whole or not at all
             tokenizer.save_pretrained(staged, {**summary, "recipe": to_dict(recipe)})
         summary["checkpoint"] = str(final)
-        (Path(recipe.train.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(recipe.train.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
     finally:
         ctx.close()
