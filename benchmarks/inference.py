@@ -42,7 +42,7 @@ def _encoders(name: str, ckpt: Path, export: Path, threads: int):
     """(video_fn(frames, mask), text_fn(list of str), note) for one backend, or (None, None, why not).
     Text functions tokenize too: what a text query costs."""
     import evl
-    from evl.export import TextEncoderGraph, VideoEncoderGraph
+    from evl.export import EncoderGraph
     from evl.precision import cpu_runs_bf16_natively
 
     if name.startswith("onnx"):
@@ -50,7 +50,7 @@ def _encoders(name: str, ckpt: Path, export: Path, threads: int):
         m = evl.load(folder, backend="onnx" if name == "onnx fp32" else "onnx-int8", threads=threads)
         return (lambda f, k: m.encode_video(f, k, batch_size=len(f))), (lambda t: m.encode_text(t, batch_size=len(t))), ""
     m = evl.load(ckpt)
-    graph_v, graph_t = VideoEncoderGraph(m.model).eval(), TextEncoderGraph(m.model).eval()
+    graph_v, graph_t = EncoderGraph(m.model, "encode_video").eval(), EncoderGraph(m.model, "encode_text").eval()
 
     def tokenized(f):
         def run(texts):

@@ -3,8 +3,8 @@
     DIR/video.onnx        frames (B, T, 3, S, S) float32 + frame_mask (B, T) bool → embedding (B, E)
     DIR/text.onnx         input_ids (B, L) int64 + attention_mask (B, L) int64 → embedding (B, E)
     DIR/video.int8.onnx   the same graphs with weights quantised to int8 (ONNX Runtime's dynamic
-    DIR/text.int8.onnx    quantisation: MatMul/Gemm weights int8 — per tensor for video, per channel for
-                          text —, activations quantised per call)
+    DIR/text.int8.onnx    quantisation: MatMul/Gemm weights int8 with 7-bit range — per tensor for video,
+                          per channel for text —, activations quantised per call)
     DIR/tokenizer.json, config.json (the checkpoint's), export.json (shapes, source, parity measured here)
 
 Batch (and text length) are dynamic axes. The graphs are traced with PyTorch's TorchScript exporter
@@ -32,26 +32,16 @@ FP32_TOLERANCE = 1e-4
 OPSET = 17
 
 
-class VideoEncoderGraph(nn.Module):
-    """What video.onnx computes: `VideoLanguageModel.encode_video` with an explicit frame mask."""
+class EncoderGraph(nn.Module):
+    """What video.onnx / text.onnx compute: `VideoLanguageModel.encode_video(frames, frame_mask)` or
+    `encode_text(input_ids, attention_mask)` (`method`), as a module to trace."""
 
-    def __init__(self, model):
+    def __init__(self, model, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_video(frames, frame_mask)
-
-
-class TextEncoderGraph(nn.Module):
-    """What text.onnx computes: `VideoLanguageModel.encode_text`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, attention_mask)
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(a, b)
 
 
 def _examples(model, batch: int, tokenizer, num_frames: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -78,8 +68,10 @@ def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
     level = root.level
     root.setLevel(logging.ERROR)   # its advice to pre-process the graph first is printed on the root logger
     try:
+        # reduce_range (7-bit weights): CPUs without VNNI (AVX2, early AVX512) multiply uint8 activations by
+        # int8 weights with an instruction whose 16-bit sums saturate at full range (ONNX Runtime's docs)
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+                         reduce_range=True, op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
 
@@ -129,9 +121,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True, num_
     tok = tokenizer(texts, max_length=32)   # another batch size and text length than traced
     checks = {"video": tuple(x[:2] for x in video_in), "text": (tok.input_ids, tok.attention_mask)}
     graphs = {
-        "video": (VideoEncoderGraph(model).eval(), video_in, ("frames", "frame_mask"),
+        "video": (EncoderGraph(model, "encode_video").eval(), video_in, ("frames", "frame_mask"),
                   {"frames": {0: "batch"}, "frame_mask": {0: "batch"}, "embedding": {0: "batch"}}),
-        "text": (TextEncoderGraph(model).eval(), text_in, ("input_ids", "attention_mask"),
+        "text": (EncoderGraph(model, "encode_text").eval(), text_in, ("input_ids", "attention_mask"),
                  {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
                   "embedding": {0: "batch"}}),
     }
