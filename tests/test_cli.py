@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evl.cli import app
-from evl.config import CONFIG_DIR
+from evl.config import packaged_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -72,7 +72,7 @@ def test_bench_model_unknown_config_lists_packaged():
     result = runner.invoke(app, ["bench", "model", "no-such-model"])
     assert result.exit_code == 2
     assert "error: model config 'no-such-model' is neither a file nor a packaged model config" in result.output
-    packaged = sorted(f.stem for f in (CONFIG_DIR / "models").glob("*.yaml"))
+    packaged = packaged_configs("models")   # the core folder and the techniques' configs
     assert {"tiny", "small", "base", "tiny-backbone"} <= set(packaged)
     assert f"packaged: {', '.join(packaged)}" in result.output
 

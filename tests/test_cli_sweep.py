@@ -263,16 +263,19 @@ def test_check_range_messages():
 
 
 def test_packaged_configs_still_load():
-    from evl.config import CONFIG_DIR, load_yaml
+    from evl.config import CONFIG_DIR, load_yaml, packaged_configs
     from evl.recipes import load_recipe
-    from evl.vlap import load_vlap_recipe
-    from evl.vq import load_vq_recipe
+    from evl.techniques.evilm.vq_train import load_vq_recipe
+    from evl.techniques.vlap.train import load_vlap_recipe
 
-    for path in sorted((CONFIG_DIR / "recipes").glob("*.yaml")):
-        load_recipe(path.stem)
-    for path in sorted((CONFIG_DIR / "models").glob("*.yaml")):
-        load_yaml(path.stem, "models")
-    load_vq_recipe("vq-tiny", [])
-    for path in sorted((CONFIG_DIR / "vlap").glob("*.yaml")):
-        load_vlap_recipe(path.stem, [])
+    assert {"pretrain-tiny", "smaug-tiny", "evilm-tiny", "egovlpv2-tiny"} <= set(packaged_configs("recipes"))
+    for name in packaged_configs("recipes"):
+        load_recipe(name)
+    for name in packaged_configs("models"):
+        load_yaml(name, "models")
+    for name in packaged_configs("tokenizers"):
+        load_vq_recipe(name, [])
+    assert {"vlap-tiny", "vlap-teacher-tiny"} <= set(packaged_configs("vlap"))
+    for name in packaged_configs("vlap"):
+        load_vlap_recipe(name, [])
     assert Path(CONFIG_DIR).is_dir()

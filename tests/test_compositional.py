@@ -211,7 +211,7 @@ def test_bad_options_are_refused_when_the_recipe_loads(tmp_path, options, messag
 
     with pytest.raises((ConfigError, ValueError), match=message):
         cfg = load_recipe("pretrain-tiny-lit", [f"objectives.neg_vtc={ {'weight': 1, **options} }".replace("'", "")])
-        from evl.losses import build_terms
+        from evl.losses.registry import build_terms
         from evl.losses.terms import TermContext
 
         build_terms(cfg.objectives, TermContext(None, tokenizer=object()))

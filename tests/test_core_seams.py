@@ -94,7 +94,7 @@ def test_auxiliary_state_is_saved_apart_and_resumed(tiny_model_dict_factory, syn
     """A loss term's own module (here a small trainable projection standing for a decoder) lives in
     the training objective: checkpoints keep it in aux.safetensors, the model file alone loads for
     evaluation, and --resume restores both."""
-    import evl.losses as losses
+    import evl.losses.registry as losses
     from evl.checkpoint import load_tensors
     from evl.losses.terms import LossTerm
     from evl.recipes import load_recipe, run_recipe

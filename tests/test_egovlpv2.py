@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from evl.cli import app
 from evl.data.text import FUNCTION_WORDS, Tokenizer, function_word_ids, mask_tokens
 from evl.errors import ConfigError
-from evl.losses import build_terms
 from evl.losses.functional import egonce_positive_mask
+from evl.losses.registry import build_terms
 from evl.losses.terms import MaskTokens, TermContext
 from evl.models.model import VideoLanguageModel
 from evl.recipes import load_recipe

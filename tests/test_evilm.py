@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evl.cli import app
-from evl.models.vq_tokenizer import NormEMAQuantizer, VQTokenizer, VQTokenizerConfig, cosine_kmeans
+from evl.techniques.evilm.vq_tokenizer import NormEMAQuantizer, VQTokenizer, VQTokenizerConfig, cosine_kmeans
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_codes_are_deterministic_and_survive_saving(tmp_path, tiny_model_dict_fa
     codes = tok.encode(frames)
     assert codes.shape == (2, 8) and codes.dtype == torch.long and bool((codes < 8).all())
     assert torch.equal(tok.encode(frames), codes)
-    tok.save_pretrained(tmp_path / "tok", {"usage": {"perplexity": 3.0}})
+    tok.save_pretrained(tmp_path / "tok", metadata={"usage": {"perplexity": 3.0}})
     loaded = VQTokenizer.from_pretrained(tmp_path / "tok")
     assert torch.equal(loaded.encode(frames), codes)
     assert loaded.metadata["usage"] == {"perplexity": 3.0}
@@ -125,12 +125,12 @@ def test_codes_are_deterministic_and_survive_saving(tmp_path, tiny_model_dict_fa
 
 
 def test_mvm_masks_are_exact_blockwise_tubes_and_seeded():
-    from evl.losses.mae import MaskVideo
     from evl.models.masking import num_masked
+    from evl.techniques.smaug.mae import MaskVideo
 
     batch = {"frames": torch.zeros(3, 8, 3, 64, 64), "sample_seeds": torch.tensor([5, 6, 5])}
-    out = MaskVideo(16, 2, 0.4, "blockwise", shared=False, key="mvm_mask", salt=7, min_block=4)(batch)
-    mask = out["mvm_mask"].view(3, 4, 16)
+    out = MaskVideo(16, 2, 0.4, "blockwise", shared=False, key="mvm_hidden", salt=7, min_block=4)(batch)
+    mask = out["mvm_hidden"].view(3, 4, 16)
     assert "video_keep_index" not in out
     assert (mask.sum(dim=2) == num_masked(16, 0.4)).all()        # exact count in every slot
     assert (mask == mask[:, :1]).all()                            # a tube: the same blocks in every slot
@@ -138,17 +138,17 @@ def test_mvm_masks_are_exact_blockwise_tubes_and_seeded():
 
 
 def test_mvm_loss_reads_masked_positions_only(tiny_model_config, monkeypatch):
-    from evl.losses import TermContext
-    from evl.losses.mvm import MVMTerm
     from evl.losses.step import StepCache
+    from evl.losses.terms import TermContext
     from evl.models.model import VideoLanguageModel
+    from evl.techniques.evilm.mvm import MVMTerm
 
     cfg = tiny_model_config()
     model = VideoLanguageModel(cfg)
     term = MVMTerm(TermContext(cfg), target="pixel", mask="random", mask_ratio=0.5)
     frames = torch.randn(2, 4, 3, 32, 32)
     batch = term.batch_transforms()[0]({"frames": frames, "sample_seeds": torch.tensor([1, 2])})
-    mask = batch["mvm_mask"]
+    mask = batch["mvm_hidden"]
     assert mask.sum().item() == 2 * 4
     target = torch.randn(2, 8, 2 * 16 * 16 * 3)
     monkeypatch.setattr(term, "targets", lambda f: target)

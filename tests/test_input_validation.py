@@ -47,7 +47,7 @@ def base(untrained_checkpoint):
 @pytest.fixture(scope="module")
 def frame_qa(tmp_path_factory, base):
     """A frame-QA checkpoint (what `evl vlap train` writes), on the towers of `base`."""
-    from evl.models.frame_qa import FrameQAConfig, FrameQAModel
+    from evl.techniques.vlap.frame_qa import FrameQAConfig, FrameQAModel
 
     cfg = FrameQAConfig(num_candidates=4, select="all", answerer_layers=1, answerer_heads=2, num_answers=3)
     cfg.qformer.hidden_size, cfg.qformer.num_queries, cfg.qformer.num_heads = 32, 2, 2
@@ -174,7 +174,7 @@ def test_a_frame_qa_checkpoint_where_a_video_language_model_is_expected_says_wha
 
 
 def test_vlap_recipe_values_are_checked_when_loaded():
-    from evl.vlap import load_vlap_recipe
+    from evl.techniques.vlap.train import load_vlap_recipe
 
     with pytest.raises(ConfigError, match=r"tau_start=inf"):
         load_vlap_recipe("vlap-teacher-tiny", ["model.tau_start=.inf"])
@@ -188,7 +188,7 @@ def test_vlap_recipe_values_are_checked_when_loaded():
 
 
 def test_vlap_train_into_an_unwritable_out_dir_fails_before_extracting_features(tmp_path, synthvl, base):
-    from evl.vlap import load_vlap_recipe, train_vlap
+    from evl.techniques.vlap.train import load_vlap_recipe, train_vlap
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")   # a folder below a file cannot be created, whoever runs the test (root too)
@@ -201,7 +201,7 @@ def test_vlap_train_into_an_unwritable_out_dir_fails_before_extracting_features(
 
 
 def test_vq_usage_clips_must_not_be_negative():
-    from evl.vq import load_vq_recipe
+    from evl.techniques.evilm.vq_train import load_vq_recipe
 
     with pytest.raises(ConfigError, match=r"usage_clips=-1: must be >= 0"):
         load_vq_recipe("vq-tiny", ["usage_clips=-1"])

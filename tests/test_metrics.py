@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from evl.tasks.qa import AnswerVocab, majority_baseline, mc_accuracy, normalize_answer, qa_accuracy
+from evl.data.answers import AnswerVocab, normalize_answer
+from evl.tasks.qa import majority_baseline, mc_accuracy, qa_accuracy
 from evl.tasks.retrieval import (
     chance_recall,
     rerank_t2v,

@@ -11,10 +11,11 @@ from safetensors.torch import load_file, save_file
 from evl.config import from_dict, load_yaml, to_dict
 from evl.efficiency import count_parameters, gflops_per_clip
 from evl.errors import CheckpointError, ConfigError
-from evl.models.fusion import FusionConfig, run_lockstep
+from evl.models.fusion import FusionConfig
 from evl.models.model import ModelConfig, VideoLanguageModel, build_model
 from evl.models.text import TextEncoderConfig
 from evl.models.video import VideoEncoderConfig
+from evl.techniques.egovlpv2.fusion import run_lockstep
 from evl.train.objective import TrainObjective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,16 +97,16 @@ def _upper(m: VideoLanguageModel, vf, tf, fuse: bool):
     if fuse:
         v, t = run_lockstep(m, vf, tf)
         return v.x, t
-    v = m.video.run_blocks(vf.lower, m.video_fuse_start)
+    v = m.video.run_blocks(vf.lower, m.cfg.video.first_fused_layer)
     t = tf.lower
-    for layer in m.text.layers[m.text_fuse_start:]:
+    for layer in m.text.layers[m.cfg.text.first_fused_layer:]:
         t = layer(t, tf.attention_mask)
     return v.x, t
 
 
 def test_backbone_fusion_is_identity_at_init(tiny_model_config):
     m = make_model(tiny_model_config, "backbone").eval()
-    assert m.video_fuse_start == 1 and m.text_fuse_start == 1
+    assert m.cfg.video.first_fused_layer == 1 and m.cfg.text.first_fused_layer == 1
     gates = [m.video.blocks[1].cross_attn.gate, m.text.layers[1].cross_attn.gate]
     assert all(torch.equal(g, torch.zeros(1)) for g in gates)
     assert m.video.blocks[0].cross_attn is None and m.text.layers[0].cross_attn is None

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from evl.errors import EvlError
 from evl.losses.functional import (
     HardNegatives,
-    LogitScale,
     build_vtm_pairs,
     distill_loss,
     egonce_loss,
@@ -21,6 +20,7 @@ from evl.losses.functional import (
     vtc_loss,
     vtm_loss,
 )
+from evl.models.layers import LogitScale
 
 
 def test_logit_scale_init_and_clamp():

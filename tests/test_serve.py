@@ -26,7 +26,7 @@ SECRET = "evl-secret-outside-the-index"
 def served(tmp_path_factory, synthvl, trained):
     """An index of the 12 clips (one linked outside the folder), a frame-QA model, and a file outside."""
     from evl.search.index import build_index
-    from evl.vlap import load_vlap_recipe, train_vlap
+    from evl.techniques.vlap.train import load_vlap_recipe, train_vlap
 
     tmp = tmp_path_factory.mktemp("served")
     model, caps = trained

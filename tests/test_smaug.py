@@ -12,12 +12,13 @@ import torch
 
 from evl.config import from_dict
 from evl.errors import ConfigError
-from evl.losses import build_terms, parse_objectives
-from evl.losses.mae import MaskVideo
+from evl.losses.registry import build_terms, parse_objectives
 from evl.losses.terms import TermContext
 from evl.models.masking import normalize_targets, patchify
 from evl.models.model import ModelConfig, VideoLanguageModel
-from evl.models.sparsify import (
+from evl.models.video import VideoEncoder, VideoEncoderConfig, VideoTokens
+from evl.techniques.smaug.mae import MaskVideo
+from evl.techniques.smaug.sparsify import (
     SpatialSparsify,
     TextGuidedFrameSelector,
     cls_attention,
@@ -25,7 +26,6 @@ from evl.models.sparsify import (
     num_kept,
     sparsify_slots,
 )
-from evl.models.video import VideoEncoder, VideoEncoderConfig, VideoTokens
 from evl.train.objective import TrainObjective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -84,7 +84,7 @@ def test_only_visible_tokens_enter_the_encoder_and_its_flops_fall():
     model = _model()
     objective = _objective(model, {"vtc": 1, "mae": {"mask_ratio": 0.75, "decoder_layers": 1}})
     batch = _collated(objective, _batch())
-    assert batch["video_mask"].sum(1).tolist() == [48] * 4          # 12 of each slot's 16 patches, 4 slots
+    assert batch["video_hidden"].sum(1).tolist() == [48] * 4          # 12 of each slot's 16 patches, 4 slots
     seen = []
     handle = model.video.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     objective(batch)["loss"].backward()
@@ -129,7 +129,7 @@ def test_reconstruction_loss_is_on_masked_tubelets_only():
     objective = _objective(model, {"mae": {"mask_ratio": 0.75, "decoder_layers": 1}})
     _fixed_decoder(objective.terms["mae"])
     batch = _collated(objective, _batch())
-    mask = batch["video_mask"]
+    mask = batch["video_hidden"]
     targets = normalize_targets(patchify(batch["frames"], 16, 2), 3)
     expected = (targets[mask].view(4, 48, -1) - PREDICTION).pow(2).mean()
     assert objective(batch)["mae"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -159,7 +159,7 @@ def test_padded_tubelets_are_not_reconstructed():
     objective = _objective(model, {"mae": {"mask_ratio": 0.75, "decoder_layers": 1}})
     _fixed_decoder(objective.terms["mae"])
     batch = _collated(objective, _batch(padded=True))
-    mask = batch["video_mask"]
+    mask = batch["video_hidden"]
     targets = normalize_targets(patchify(batch["frames"], 16, 2), 3)
     err = (targets[mask].view(4, 48, -1) - PREDICTION).pow(2).mean(-1)
     real = torch.ones(4, 48, dtype=torch.bool)
@@ -184,20 +184,20 @@ def test_decoder_predicts_masked_places_from_the_placed_tokens():
     term = _objective(model, {"mae": {"mask_ratio": 0.75, "decoder_layers": 2}}).terms["mae"]
     batch = _collated(_objective(model, {"mae": {"mask_ratio": 0.75, "decoder_layers": 2}}), _batch())
     video = model.video_features(batch["frames"], keep_index=batch["video_keep_index"])
-    pred = term.decoder(video.tokens, video.positions, video.grid, batch["video_mask"])
+    pred = term.decoder(video.tokens, video.positions, video.grid, batch["video_hidden"])
     assert pred.shape == (4, 48, 2 * 16 * 16 * 3)
     # a token placed elsewhere in the grid changes the prediction: positions matter
     moved = video.positions.flip(1)
-    assert not torch.allclose(pred, term.decoder(video.tokens, moved, video.grid, batch["video_mask"]))
+    assert not torch.allclose(pred, term.decoder(video.tokens, moved, video.grid, batch["video_hidden"]))
 
 
 def test_video_masks_are_per_sample_and_reproducible():
     t = MaskVideo(16, 2, 0.75, "tube", shared=True)
     a = t({"frames": torch.zeros(3, 8, 3, 64, 64), "sample_seeds": torch.tensor([5, 6, 7])})
     b = t({"frames": torch.zeros(2, 8, 3, 64, 64), "sample_seeds": torch.tensor([7, 5])})
-    assert torch.equal(a["video_mask"][2], b["video_mask"][0]) and torch.equal(a["video_mask"][0], b["video_mask"][1])
-    assert not torch.equal(a["video_mask"][0], a["video_mask"][1])
-    m = a["video_mask"].view(3, 4, 16)
+    assert torch.equal(a["video_hidden"][2], b["video_hidden"][0]) and torch.equal(a["video_hidden"][0], b["video_hidden"][1])
+    assert not torch.equal(a["video_hidden"][0], a["video_hidden"][1])
+    m = a["video_hidden"].view(3, 4, 16)
     assert bool((m == m[:, :1]).all())                         # tubes: the same places in every time slot
     assert a["video_keep_index"].shape == (3, 16)
 
@@ -435,8 +435,8 @@ def test_smaug_recipes_load():
 def test_smaug_pretrain_then_eval_without_the_auxiliary_modules(synthvl, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from evl.checkpoint import AUX_FILE
     from evl.cli import app
-    from evl.train.state import AUX_FILE
 
     monkeypatch.setenv("CI", "true")
     ann = synthvl / "annotations"
@@ -460,7 +460,7 @@ def test_smaug_pretrain_then_eval_without_the_auxiliary_modules(synthvl, tmp_pat
     assert any(k.startswith("terms.mae.decoder.") for k in aux)
     assert any(k.startswith("terms.sparsify.selector.") for k in aux)
     # the trained selector chooses frames for a text at inference too
-    from evl.losses.sparsify import frame_selector_from_checkpoint
+    from evl.techniques.smaug.sparsify_term import frame_selector_from_checkpoint
 
     selector, layer = frame_selector_from_checkpoint(ckpt)
     assert layer == 1 and selector.keep == 2

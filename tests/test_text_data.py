@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from evl.checkpoint import minilm_path  # noqa: E402
 from evl.data.text import MaskedTokens, TextInputError, TokenBatch, Tokenizer, mask_tokens  # noqa: E402
-from evl.models.text import minilm_path  # noqa: E402
 
 TEXTS = [
     "hello world",

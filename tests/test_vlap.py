@@ -15,16 +15,16 @@ from typer.testing import CliRunner
 from evl.cli import app
 from evl.config import from_dict
 from evl.errors import ConfigError
-from evl.models.frame_prompter import (
+from evl.models.selection import topk_pick
+from evl.techniques.vlap.frame_prompter import (
     FramePrompter,
     gumbel_pick,
     segment_ids,
     temperature_at,
-    topk_pick,
     uniform_pick,
 )
-from evl.models.frame_qa import FrameQAConfig, FrameQAModel
-from evl.models.qformer import TokenMap
+from evl.techniques.vlap.frame_qa import FrameQAConfig, FrameQAModel
+from evl.techniques.vlap.qformer import TokenMap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -166,7 +166,7 @@ def test_tubelet_input_fills_a_slot_with_the_next_frames_never_past_the_last_rea
 
 
 def test_distinct_frame_sets_count_each_clips_different_selections():
-    from evl.vlap import distinct_sets_per_clip
+    from evl.techniques.vlap.evaluate import distinct_sets_per_clip
 
     clips = ["a", "a", "a", "b", "b", "c"]
     picks = [[1, 2], [2, 1], [3, 4], [0, 1], [0, 1], [5, 6]]
@@ -294,14 +294,14 @@ def test_localizer_baseline_trains_on_the_teachers_pseudo_labels(tmp_path, synth
 
 
 def test_pseudo_labels_mark_the_frames_the_teacher_answers_from(tiny_model_dict_factory):
-    from evl.vlap import pseudo_labels
+    from evl.techniques.vlap.train import pseudo_labels
 
     torch.manual_seed(0)
     t = FrameQAModel(_cfg(tiny_model_dict_factory, "all", n=4)).eval()
     tokens = torch.randn(2, 4, 5, 32)
     batch = {"tokens": tokens, "frame_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool(),
              "input_ids": torch.randint(0, 100, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
-    from evl.models.frame_prompter import Selection
+    from evl.models.selection import Selection
 
     q = t.question_features(batch["input_ids"], batch["attention_mask"])
     single = [[t.read(tokens[b:b + 1, n:n + 1], Selection(torch.tensor([[n]]), torch.tensor([[True]])), q[b:b + 1],

@@ -97,7 +97,7 @@ class EvlModel:
     def weights_fingerprint(self) -> str:
         """sha1 of the weights and tokenizer files this model came from (an export: its source checkpoint's)."""
         if self._fingerprint is None:
-            from evl.search.index import model_fingerprint
+            from evl.checkpoint import model_fingerprint
 
             self._fingerprint = model_fingerprint(self.path)
         return self._fingerprint
@@ -212,7 +212,7 @@ class EvlModel:
         if top < 1:
             raise ConfigError(f"top={top}: must be >= 1")
         if self.kind == "frame_qa":
-            from evl.vlap import ask
+            from evl.techniques.vlap.evaluate import ask
 
             path, start, end = _video_input(video)
             r = ask(self.model, self.vocab, self.tokenizer, path, question, top, start=start, end=end)
@@ -264,12 +264,9 @@ def load(path: str | Path, backend: Backend | None = None, threads: int | None =
 def _load_video_language(path: Path) -> EvlModel:
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
-    from evl.recipes import find_answer_vocab
-    from evl.tasks.qa import AnswerVocab
 
     model = VideoLanguageModel.from_pretrained(path).eval()
-    vocab_file = find_answer_vocab(path)
-    vocab = AnswerVocab.from_json(vocab_file.read_text()) if vocab_file is not None else None
+    vocab = VideoLanguageModel.read_vocab(path)
     kind = "qa" if model.qa_head is not None and vocab is not None else "fusion" if model.has_fusion else "dual"
     cfg = model.cfg
     return EvlModel(path, kind, "torch", cfg.video.num_frames, cfg.video.image_size, tokenizer_for(cfg, path),
@@ -278,7 +275,7 @@ def _load_video_language(path: Path) -> EvlModel:
 
 def _load_frame_qa(path: Path) -> EvlModel:
     from evl.data.text import tokenizer_for
-    from evl.models.frame_qa import FrameQAModel
+    from evl.techniques.vlap.frame_qa import FrameQAModel
 
     model = FrameQAModel.from_pretrained(path)
     cfg = model.cfg

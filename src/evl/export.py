@@ -91,10 +91,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, int8: bool = True, num_
     import onnxruntime
 
     from evl.api import EXPORT_FILE, MAX_TEXT_LEN
-    from evl.checkpoint import read_config
+    from evl.checkpoint import model_fingerprint, read_config
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
-    from evl.search.index import model_fingerprint
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "config.json").is_file():

@@ -49,7 +49,7 @@ def plot_curves(stages: dict[str, Path], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evl.losses import term_names
+    from evl.losses.registry import term_names
 
     plotted = {"loss", *term_names()}
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
@@ -201,7 +201,6 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     t0 = time.perf_counter()
     from evl.data.annotations import read_annotations
     from evl.tasks.evaluate import EvalSettings
-    from evl.tasks.qa import AnswerVocab
 
     settings = EvalSettings(batch_size=32, rerank_k=16)
     ann, videos = data / "annotations", data / "videos"
@@ -210,7 +209,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     retrieval = evaluate_checkpoint_model(ret_model, "retrieval", ann / "retrieval_test.json", videos, tok, settings)
     mc = evaluate_checkpoint_model(ret_model, "mc", ann / "mc_test.json", videos, tok, settings)
     qa_model = VideoLanguageModel.from_pretrained(qa["checkpoint"])
-    vocab = AnswerVocab.from_json((Path(qa["checkpoint"]) / "answers.json").read_text())
+    vocab = VideoLanguageModel.read_vocab(qa["checkpoint"])
     qa_metrics = evaluate_checkpoint_model(qa_model, "qa", ann / "qa_test.json", videos, tok, settings, vocab=vocab,
                                            train_records=read_annotations(ann / "qa_train.json"))
     compositional = compositional_breakdown(ret_model, qa_model, vocab, ann, videos, tok)

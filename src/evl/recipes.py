@@ -12,50 +12,24 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
-from evl.data import MAX_FRAMES
 from evl.data.annotations import read_annotations
+from evl.data.answers import ANSWERS_FILE
 from evl.data.check import preflight_videos
-from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
+from evl.data.datasets import ClipSettings, Collator, DataConfig, VideoTextDataset
 from evl.errors import ConfigError
-from evl.losses import parse_objectives
+from evl.losses.registry import parse_objectives
 from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
-from evl.tasks.registry import ANSWERS_FILE, get_task
-from evl.train.objective import TrainObjective
+from evl.tasks.registry import get_task
+from evl.train.objective import TrainObjective, run_objective
 from evl.train.state import FINAL_DIR, SUMMARY_FILE, check_out_dir
 from evl.train.trainer import SKIP_WARN_RATE, Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    """Annotation files (any format `evl data formats` lists) and how clips/texts are read."""
-
-    train: str = ""
-    val: str | None = None
-    test: str | None = None
-    videos: str | None = None          # folder video paths are relative to (default: guessed per file)
-    format: str | None = None
-    split: str | None = None           # for files that carry splits (MSRVTT_data.json): train | validate | test
-    test_split: str | None = None      # the split data.test is read with (files that carry splits)
-    num_frames: int | None = None      # default: the model's video.num_frames; at most MAX_FRAMES (256)
-    max_text_len: int = 32
-    backend: Literal["pyav", "decord"] = "pyav"
-
-    def __post_init__(self) -> None:
-        # 0 must not read as "the model's default": None (the key left out) says that
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ConfigError(f"data.num_frames={self.num_frames}: must be a positive number of frames (a multiple "
-                              "of the model's video.tubelet_size); leave it out to use the model's video.num_frames")
-        if self.num_frames is not None and self.num_frames > MAX_FRAMES:
-            raise ConfigError(f"data.num_frames={self.num_frames}: at most {MAX_FRAMES} frames per clip; lower it")
-        if self.max_text_len < 1:
-            raise ConfigError(f"data.max_text_len={self.max_text_len}: must be a positive number of tokens")
 
 
 @dataclass
@@ -106,10 +80,6 @@ def objectives_of(cfg: RecipeConfig) -> dict[str, Any]:
     return cfg.objectives if cfg.objectives is not None else dict(get_task(cfg.task).objectives)
 
 
-def _loss(module, batch):
-    return module(batch)
-
-
 def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool = False,
                evaluate: bool = True) -> dict:
     """Train per the recipe, save `out_dir/final` (model + config + answer vocab), evaluate on test.
@@ -131,8 +101,8 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
 def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool) -> dict:
     import torch
 
+    from evl.data.answers import AnswerVocab
     from evl.data.text import tokenizer_for, tokenizer_name
-    from evl.tasks.qa import AnswerVocab
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: set it to an annotation file (e.g. data.train=runs/x/annotations/pretrain.json)")
@@ -180,7 +150,7 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
             (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
     objective = TrainObjective.from_spec(model, objectives_of(cfg), tokenizer)
     collate = Collator(tokenizer, cfg.data.max_text_len, answer_vocab=vocab, transforms=objective.batch_transforms())
-    trainer = Trainer(objective, _loss, train_ds, cfg.train, collate_fn=collate,
+    trainer = Trainer(objective, run_objective, train_ds, cfg.train, collate_fn=collate,
                       model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)},
                       callbacks=[_CopyTokenizer(tokenizer.source)] if is_main else None)
     result = trainer.fit(resume=resume)
@@ -230,15 +200,6 @@ def _model_differences(recipe: ModelConfig, checkpoint: ModelConfig) -> list[str
     a, b = flat(to_dict(recipe)), flat(to_dict(checkpoint))
     skip = {"text.pretrained", "text.tokenizer", "num_answers"}
     return sorted(k for k in a.keys() | b.keys() if k not in skip and a.get(k) != b.get(k))
-
-
-def find_answer_vocab(checkpoint: str | Path) -> Path | None:
-    """answers.json beside a checkpoint: in `final/`, or in the run folder of `checkpoints/step_*`."""
-    ckpt = Path(checkpoint)
-    for folder in (ckpt, ckpt.parent.parent):
-        if (folder / ANSWERS_FILE).is_file():
-            return folder / ANSWERS_FILE
-    return None
 
 
 def evaluate_checkpoint_model(model: VideoLanguageModel, task: str, annotation: str | Path,

@@ -19,14 +19,41 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from evl.data import MAX_FRAMES
 from evl.data.annotations import Record, read_annotations
 from evl.data.transforms import VideoTransform
 from evl.data.video import load_clip
-from evl.errors import VideoDecodeError
+from evl.errors import ConfigError, VideoDecodeError
 
 log = logging.getLogger(__name__)
 
 TextMode = Literal["caption", "question", "none"]
+
+
+@dataclass
+class DataConfig:
+    """Annotation files (any format `evl data formats` lists) and how clips/texts are read."""
+
+    train: str = ""
+    val: str | None = None
+    test: str | None = None
+    videos: str | None = None          # folder video paths are relative to (default: guessed per file)
+    format: str | None = None
+    split: str | None = None           # for files that carry splits (MSRVTT_data.json): train | validate | test
+    test_split: str | None = None      # the split data.test is read with (files that carry splits)
+    num_frames: int | None = None      # default: the model's video.num_frames; at most MAX_FRAMES (256)
+    max_text_len: int = 32
+    backend: Literal["pyav", "decord"] = "pyav"
+
+    def __post_init__(self) -> None:
+        # 0 must not read as "the model's default": None (the key left out) says that
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames={self.num_frames}: must be a positive number of frames (a multiple "
+                              "of the model's video.tubelet_size); leave it out to use the model's video.num_frames")
+        if self.num_frames is not None and self.num_frames > MAX_FRAMES:
+            raise ConfigError(f"data.num_frames={self.num_frames}: at most {MAX_FRAMES} frames per clip; lower it")
+        if self.max_text_len < 1:
+            raise ConfigError(f"data.max_text_len={self.max_text_len}: must be a positive number of tokens")
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from evl.checkpoint import minilm_path, resolve_pretrained
 from evl.errors import CheckpointError, ConfigError, EvlError
-from evl.models.text import resolve_pretrained
 
 
 class TextInputError(EvlError, ValueError):
@@ -241,6 +241,5 @@ def tokenizer_for(model_cfg, checkpoint: str | Path | None = None) -> Tokenizer:
 def tokenizer_name(tokenizer: Tokenizer) -> str:
     """How a checkpoint's config records a tokenizer: "minilm" for the packaged one (portable across
     machines), else the absolute folder it was read from."""
-    from evl.models.text import minilm_path
 
     return "minilm" if tokenizer.source.resolve() == minilm_path().resolve() else str(tokenizer.source.resolve())

@@ -10,7 +10,6 @@ Convention for similarity matrices: ``sim[i, j]`` is video i against text j.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +22,6 @@ from evl.errors import EvlError
 
 __all__ = [
     "HardNegatives",
-    "LogitScale",
     "build_vtm_pairs",
     "distill_loss",
     "egonce_loss",
@@ -36,26 +34,6 @@ __all__ = [
     "vtc_loss",
     "vtm_loss",
 ]
-
-
-class LogitScale(nn.Module):
-    """Learnable inverse temperature, CLIP-style: stored as a log so it stays positive and moves
-    multiplicatively; the value is clamped at ``max_scale`` (100) so logits cannot blow up.
-
-    ``forward()`` returns the scale (a 0-dim tensor), not its log. Above the clamp the gradient is 0,
-    which, like CLIP's clamp after each step, stops the temperature from sharpening further.
-    """
-
-    def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0, learnable: bool = True):
-        super().__init__()
-        if init_scale <= 0 or max_scale <= 0:
-            raise ValueError(f"logit scale must be positive, got init={init_scale}, max={max_scale}")
-        self.max_scale = float(max_scale)
-        # shape (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters
-        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=learnable)
-
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
 def _check_pair(video_emb: torch.Tensor, text_emb: torch.Tensor, name: str) -> None:

@@ -2,10 +2,9 @@
 
 1. `CrossModalEncoder` (E-ViLM / ALBEF style): N extra layers on top of the text tower; text tokens
    self-attend, then attend to the video tokens, then an MLP. The towers stay untouched.
-2. `BackboneFusion` (EgoVLPv2): the towers' own top layers carry gated cross-attention (see
-   `VideoBlock` / `TextLayer`); it drives both towers through those layers in lockstep: each video
-   block sees the current text tokens and each text layer the current video tokens. Without context
-   the same layers are the plain towers (dual mode).
+2. `BackboneFusion` (EgoVLPv2, `evl.techniques.egovlpv2.fusion`): the towers' own top layers carry
+   gated cross-attention (see `VideoBlock` / `TextLayer`); it drives both towers through those layers
+   in lockstep. Without context the same layers are the plain towers (dual mode).
 
 Both have the same interface — `fused_dim` and `fuse(model, video, text) -> FusionOutput` — and
 `FUSIONS` maps `fusion.kind` to the class, so the model holds one `fusion` module and never branches
@@ -15,7 +14,6 @@ on the kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,11 +21,7 @@ from torch import nn
 from evl.config import MAX_LAYERS, MAX_WIDTH, check_range
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.layers import MLP, MultiHeadAttention
-from evl.models.text import masked_mean
-from evl.models.video import apply_hooks
-
-if TYPE_CHECKING:
-    from evl.models.model import VideoLanguageModel
+from evl.techniques.egovlpv2.fusion import BackboneFusion
 
 
 @dataclass
@@ -93,58 +87,10 @@ class CrossModalEncoder(nn.Module):
             text = layer(text, text_mask, video, video_mask)
         return self.norm(text)
 
-    def fuse(self, model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
+    def fuse(self, model: nn.Module, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
         t = self(text.tokens, text.attention_mask, video.tokens, video.token_mask)
         return FusionOutput(text_tokens=t, pooled=t[:, 0])
 
 
-class BackboneFusion(nn.Module):
-    """EgoVLPv2 fusion: no parameters of its own (the towers' top layers carry the gated
-    cross-attention); `fuse` restarts both towers from the states entering their fused layers.
-
-    The pair representation is [video pooling, text mean pooling] of the fused tokens — each tower
-    pooled as its dual embedding is, so at initialisation it is exactly the two unimodal summaries.
-    Mean pooling of the text rather than its [CLS] token: the pre-trained MiniLM layers were trained
-    for mean pooling, and measured on a pre-trained tiny model (VTM trained alone for 25 steps), the
-    matching head told a caption's own clip from a random one on 94% of held-out captions with the
-    mean against 87% with [CLS].
-    """
-
-    in_towers = True   # the towers build gated cross-attention into their top `num_layers` layers
-
-    def __init__(self, text_dim: int, video_dim: int, cfg: FusionConfig):
-        super().__init__()
-        self.fused_dim = video_dim + text_dim
-
-    def fuse(self, model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures) -> FusionOutput:
-        if video.lower is None or text.lower is None:
-            raise ValueError("backbone fusion needs the features of this model's own video_features/text_features")
-        v, t = run_lockstep(model, video, text)
-        out = model.video.finalize(v.x)
-        pooled = torch.cat([model.video.pool(out, v.key_mask), masked_mean(t, text.attention_mask)], dim=-1)
-        return FusionOutput(text_tokens=t, pooled=pooled)
-
-
-def run_lockstep(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures):
-    """Run the fused top layers of both towers together, cross-attention on.
-
-    Both updates in a step read the *previous* states of the other tower, so the result does not
-    depend on which tower is stepped first. The video side goes through the tower's one block loop
-    (`run_blocks`, one block at a time); the token hooks of each layer run before both towers read
-    the video state, as in the dual pass.
-    """
-    vs, ts = model.video_fuse_start, model.text_fuse_start
-    layers = model.text.layers[ts:]
-    if len(layers) != len(model.video.blocks) - vs:
-        raise ValueError(f"backbone fusion needs the same number of fused layers in both towers; got video "
-                         f"{len(model.video.blocks) - vs} and text {len(layers)}")
-    v, t, t_mask = video.lower, text.lower, text.attention_mask
-    for i, layer in enumerate(layers):
-        v = apply_hooks(v, video.hooks, vs + i)    # both towers see the tokens the video block sees
-        v_next = model.video.run_blocks(v, vs + i, vs + i + 1, context=t, context_mask=t_mask)
-        t = layer(t, t_mask, context=v.x, context_mask=v.key_mask)
-        v = v_next
-    return apply_hooks(v, video.hooks, len(model.video.blocks)), t
-
-
+# the one list of fusion kinds; `backbone` is EgoVLPv2's (evl.techniques.egovlpv2)
 FUSIONS: dict[str, type[nn.Module] | None] = {"encoder": CrossModalEncoder, "backbone": BackboneFusion, "none": None}

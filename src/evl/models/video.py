@@ -12,12 +12,12 @@ The tower runs as ONE block loop, `run_blocks`, over a `VideoTokens` state that 
 (which time slot and patch each surviving token came from). Everything that runs video blocks — the
 dual path, fusion in the backbone, masked modelling — goes through it:
 
-    tokens = enc.embed(frames, frame_mask, keep_index=None, mask=None)
+    tokens = enc.embed(frames, frame_mask, keep_index=None, hidden=None)
     tokens = enc.run_blocks(tokens, start=0, stop=None, context=None, context_mask=None, hooks=None)
     out = enc.finalize(tokens.x)
 
 * `keep_index` drops tokens *before* the blocks, so the blocks pay only for the kept tokens (MAE).
-* `mask` replaces masked patches by a learnable mask token instead (BEiT / masked video modelling:
+* `hidden` replaces hidden patches by a learnable mask token instead (BEiT / masked video modelling:
   the model sees the whole sequence and predicts what the masked positions held).
 * `hooks` are token operations (drop, merge, select frames) run before chosen blocks: a mapping
   layer index → callables `VideoTokens -> VideoTokens`; index i runs before block i, index
@@ -71,6 +71,12 @@ class VideoEncoderConfig:
     grad_checkpointing: bool = False
     fusion_layers: int = 0
     context_dim: int | None = None
+
+    @property
+    def first_fused_layer(self) -> int:
+        """Index of the first layer with cross-attention to the other modality (= num_layers: none);
+        the one definition every user of the fused layers reads (the towers, the model, backbone fusion)."""
+        return self.num_layers - self.fusion_layers
 
     def __post_init__(self) -> None:
         if self.attention not in ("joint", "divided"):
@@ -408,8 +414,7 @@ class VideoEncoder(nn.Module):
         # nothing from the RNG and a model that never masks is initialised exactly as without it
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = PositionEmbedding(cfg)
-        first_fused = cfg.num_layers - cfg.fusion_layers
-        self.blocks = nn.ModuleList(VideoBlock(cfg, fusion=i >= first_fused) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(VideoBlock(cfg, fusion=i >= cfg.first_fused_layer) for i in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
         self._init_weights()
 
@@ -462,12 +467,12 @@ class VideoEncoder(nn.Module):
         return t // cfg.tubelet_size, h // cfg.patch_size, w // cfg.patch_size
 
     def embed(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-              keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> VideoTokens:
+              keep_index: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> VideoTokens:
         """Frames → the block loop's starting `VideoTokens`.
 
         Padded frames are zeroed before the tubelet conv, so a tubelet that mixes real and padded
-        frames sees only its real frames; a tubelet is valid if any of its frames is. `mask` (B, N)
-        bool, True = masked: those patches are replaced by the learnable mask token (positions are
+        frames sees only its real frames; a tubelet is valid if any of its frames is. `hidden` (B, N)
+        bool, True = hidden: those patches are replaced by the learnable mask token (positions are
         still added, so the model knows *where* it has to fill in). `keep_index` (B, K) keeps only
         those patches. Pass `frame_mask=None` when nothing is padded (the Collator does): any mask
         makes attention build a key mask and leave SDPA's unmasked fast path.
@@ -486,17 +491,17 @@ class VideoEncoder(nn.Module):
             # embed only the kept patches: the tubelet conv as a matmul on them (MAE's saving starts here)
             keep_index = self._check_keep_index(keep_index, b, grid, frames.device)
             x = self._embed_patches(frames, keep_index)
-            if mask is not None:
-                kept_mask = self._check_token_mask(mask, b, n, x.device).gather(1, keep_index)
-                x = torch.where(kept_mask[..., None], self.mask_token.to(x.dtype), x)
+            if hidden is not None:
+                kept_hidden = self._check_hidden(hidden, b, n, x.device).gather(1, keep_index)
+                x = torch.where(kept_hidden[..., None], self.mask_token.to(x.dtype), x)
             x = x + self.pos_embed(grid).to(x.dtype)[keep_index]
             positions = keep_index
             valid = valid.gather(1, keep_index) if valid is not None else None
         else:
             x = self.patch_embed(frames.transpose(1, 2)).flatten(2).transpose(1, 2)
-            if mask is not None:
-                mask = self._check_token_mask(mask, b, n, x.device)
-                x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+            if hidden is not None:
+                hidden = self._check_hidden(hidden, b, n, x.device)
+                x = torch.where(hidden[..., None], self.mask_token.to(x.dtype), x)
             x = x + self.pos_embed(grid).to(x.dtype)[None]
             positions = torch.arange(n, device=x.device).expand(b, n)
         prefix = 0
@@ -549,12 +554,12 @@ class VideoEncoder(nn.Module):
             raise ValueError(f"frame_mask must be (B, T) = ({b}, {t}); got {tuple(mask.shape)}")
         return mask.to(device=device, dtype=torch.bool)
 
-    def _check_token_mask(self, mask: torch.Tensor, b: int, n: int, device: torch.device) -> torch.Tensor:
-        if tuple(mask.shape) != (b, n):
-            raise ValueError(f"mask must be (B, N) = ({b}, {n}) over the patch grid; got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = masked); got dtype {mask.dtype}")
-        return mask.to(device)
+    def _check_hidden(self, hidden: torch.Tensor, b: int, n: int, device: torch.device) -> torch.Tensor:
+        if tuple(hidden.shape) != (b, n):
+            raise ValueError(f"hidden must be (B, N) = ({b}, {n}) over the patch grid; got {tuple(hidden.shape)}")
+        if hidden.dtype != torch.bool:
+            raise ValueError(f"hidden must be a bool tensor (True = replaced by the mask token); got dtype {hidden.dtype}")
+        return hidden.to(device)
 
     def _check_keep_index(self, keep: torch.Tensor, b: int, grid: tuple[int, int, int],
                           device: torch.device) -> torch.Tensor:
@@ -582,9 +587,9 @@ class VideoEncoder(nn.Module):
     # ---- whole tower ----
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                keep_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                keep_index: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 hooks: Mapping[int, Sequence[TokenHook]] | None = None) -> VideoEncoderOutput:
-        tokens = self.run_blocks(self.embed(frames, frame_mask, keep_index, mask), hooks=hooks)
+        tokens = self.run_blocks(self.embed(frames, frame_mask, keep_index, hidden), hooks=hooks)
         out = self.finalize(tokens.x)
         token_mask = tokens.key_mask if tokens.key_mask is not None else out.new_ones(out.shape[:2], dtype=torch.bool)
         return VideoEncoderOutput(tokens=out, cls=self.pool(out, tokens.key_mask), token_mask=token_mask,

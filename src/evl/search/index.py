@@ -104,18 +104,6 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(checkpoint: Path) -> str:
-    """sha1 of the model's weights file and tokenizer: an index answers only queries of that model."""
-    h = hashlib.sha1()
-    for name in ("model.safetensors", "tokenizer.json"):
-        p = checkpoint / name
-        if p.is_file():
-            with p.open("rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 22), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
 def printable(path: str | Path) -> str:
     """A path as text that can always be printed and stored: undecodable bytes as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from evl.config import MAX_POSITIONS, MAX_WORKERS, check_range
 from evl.data.annotations import Record
+from evl.data.answers import AnswerVocab
 from evl.data.datasets import ClipSettings, Collator, VideoTextDataset, clip_key
 from evl.models.model import TextFeatures, VideoFeatures, VideoLanguageModel
-from evl.tasks.qa import AnswerVocab, majority_baseline, qa_accuracy
+from evl.tasks.qa import majority_baseline, qa_accuracy
 from evl.tasks.retrieval import chance_recall, rerank_t2v, retrieval_metrics, similarity_topk
 
 

@@ -15,8 +15,6 @@ from typing import Any
 
 from evl.errors import ConfigError
 
-ANSWERS_FILE = "answers.json"
-
 
 @dataclass(frozen=True)
 class TaskSpec:

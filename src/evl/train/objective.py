@@ -18,14 +18,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from evl.checkpoint import MODEL_PREFIX
 from evl.errors import ConfigError
-from evl.losses import LossTerm, TermContext, build_terms
+from evl.losses.registry import LossTerm, TermContext, build_terms
 from evl.losses.step import FEATURES, Feature, StepCache
 
-MODEL_PREFIX = "model."
+
+def run_objective(module: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The Trainer's `loss_fn` for every objective module: the module computes its losses in `forward`
+    (so that under DDP the forward goes through the wrapper)."""
+    return module(batch)
 
 
-class TrainObjective(nn.Module):
+class Objective(nn.Module):
+    """What every training objective shares: sub-modules named in `frozen` (a teacher) take no gradient
+    and stay in eval mode whatever `train()` says, so dropout and normalisation statistics never change
+    them; `freeze(module)` makes one so."""
+
+    frozen: tuple[str, ...] = ()
+
+    @staticmethod
+    def freeze(module: nn.Module | None) -> nn.Module | None:
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module.eval()
+        return module
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
+
+
+class TrainObjective(Objective):
     """`forward(batch) -> {"loss": Σ weight·term, "<term>": unweighted value, ...}`.
 
     `weights` names the terms that add a loss; terms with `adds_loss = False` (token operations) are

@@ -31,8 +31,10 @@ import torch
 from torch import nn
 
 from evl.checkpoint import (
+    AUX_FILE,
     CONFIG_FILE,
     MODEL_FILE,
+    MODEL_PREFIX,
     atomic_write_json,
     atomic_write_safetensors,
     commit_dir,
@@ -55,8 +57,6 @@ FINAL_DIR = "final"            # what a finished run leaves beside its checkpoin
 SUMMARY_FILE = "summary.json"
 
 
-AUX_FILE = "aux.safetensors"
-MODEL_PREFIX = "model."
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evl.models.frame_prompter import topk_pick
+from evl.models.selection import topk_pick
 from evl.models.video import VideoBlock, VideoTokens
 
 

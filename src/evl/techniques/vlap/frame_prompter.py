@@ -9,7 +9,7 @@ scorer. Padded candidates (`frame_mask` false) are never picked.
 * `uniform_pick` takes the middle frame of each segment;
 * `gumbel_pick` (VLAP) takes one frame per segment from learned logits: Gumbel-softmax with a hard
   straight-through one-hot in training (temperature from `temperature_at`), arg-max at inference;
-* `topk_pick` (the SeViLA-style localizer) keeps the k best-scored frames, re-sorted into temporal order.
+* `topk_pick` (`evl.models.selection`; the SeViLA-style localizer) keeps the k best-scored frames, re-sorted into temporal order.
 
 `FramePrompter` gives the logits: it reads only cheap descriptors of every candidate (the frozen
 video tower's patch embeddings, no transformer block), pools each frame's patches by attention with
@@ -23,22 +23,12 @@ the QFormer and the answerer, so the cost falls with k.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class Selection:
-    index: torch.Tensor                 # (B, k) long, candidate indices in temporal order
-    mask: torch.Tensor                  # (B, k) bool, real picks
-    weights: torch.Tensor | None = None  # (B, k, N) straight-through one-hot (training), else None
-
-
-def _real(frame_mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
-    return torch.ones(b, n, dtype=torch.bool, device=device) if frame_mask is None else frame_mask.to(torch.bool)
+from evl.models.selection import Selection, real_frames
 
 
 def segment_ids(frame_mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,7 +67,7 @@ def gumbel_pick(logits: torch.Tensor, frame_mask: torch.Tensor | None, k: int, t
     within the segment, hard one-hot forward and the soft gradient (straight-through). Inference:
     the arg-max of the logits, no noise (deterministic)."""
     b, n = logits.shape
-    members = _members(_real(frame_mask, b, n, logits.device), k)
+    members = _members(real_frames(frame_mask, b, n, logits.device), k)
     seg_logits = logits.float()[:, None, :].expand(b, k, n)
     if training:
         u = torch.rand(seg_logits.shape, generator=generator, device=logits.device).clamp(1e-9, 1 - 1e-9)
@@ -91,23 +81,6 @@ def gumbel_pick(logits: torch.Tensor, frame_mask: torch.Tensor | None, k: int, t
         hard = F.one_hot(index, n).to(soft.dtype) * present[..., None]
         weights = hard - soft.detach() + soft
     return Selection(index, present, weights)
-
-
-def topk_pick(scores: torch.Tensor, frame_mask: torch.Tensor | None, k: int) -> Selection:
-    """The k highest-scored real frames, in temporal order (fewer real picks when fewer exist)."""
-    b, n = scores.shape
-    real = _real(frame_mask, b, n, scores.device)
-    kk = min(k, n)
-    top = scores.float().masked_fill(~real, float("-inf")).topk(kk, dim=1).indices
-    picked_real = torch.gather(real, 1, top)
-    # padding (if picked because too few real frames) sorts last, real picks in temporal order
-    index = torch.where(picked_real, top, top + n).sort(dim=1).values
-    mask = index < n
-    index = torch.where(mask, index, torch.zeros_like(index))
-    if kk < k:
-        index = torch.cat([index, index.new_zeros(b, k - kk)], dim=1)
-        mask = torch.cat([mask, mask.new_zeros(b, k - kk)], dim=1)
-    return Selection(index, mask)
 
 
 def temperature_at(progress: float, start: float, end: float) -> float:

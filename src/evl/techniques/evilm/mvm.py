@@ -24,20 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evl.losses.mae import MASK_KINDS, MaskVideo, real_tokens
 from evl.losses.step import StepCache
 from evl.losses.terms import BatchTransform, LossTerm, TermContext
 from evl.models.masking import normalize_targets, num_masked, patchify
-from evl.models.vq_tokenizer import VQTokenizer, check_same_tubelets
+from evl.techniques.evilm.vq_tokenizer import VQTokenizer, check_same_tubelets
+from evl.techniques.smaug.mae import MASK_KINDS, MaskVideo, real_tokens
 
 TARGETS = ("codes", "pixel")
 _SALT = 0xD1B54A32D192ED03   # MVM's masks differ from MAE's and MLM's drawn from the same sample seed
 
 
 def _masked_video(step: StepCache):
-    """The clip with its `mvm_mask` patches replaced by the mask token (full sequence)."""
-    mask = step.need("mvm_mask", "step feature 'masked_video'")
-    return step.model.video_features(step.batch["frames"], step.batch.get("frame_mask"), mask=mask)
+    """The clip with its `mvm_hidden` patches replaced by the mask token (full sequence)."""
+    mask = step.need("mvm_hidden", "step feature 'masked_video'")
+    return step.model.video_features(step.batch["frames"], step.batch.get("frame_mask"), hidden=mask)
 
 
 class MVMTerm(LossTerm):
@@ -85,7 +85,7 @@ class MVMTerm(LossTerm):
     def batch_transforms(self) -> list[BatchTransform]:
         options = {"min_block": self.min_block} if self.kind == "blockwise" else {}
         return [MaskVideo(self.patch_size, self.tubelet_size, self.ratio, self.kind, shared=False,
-                          key="mvm_mask", salt=_SALT, **options)]
+                          key="mvm_hidden", salt=_SALT, **options)]
 
     def features(self):
         return {"masked_video": _masked_video}
@@ -97,7 +97,7 @@ class MVMTerm(LossTerm):
         return normalize_targets(patchify(frames.float(), self.patch_size, self.tubelet_size), self.channels)
 
     def forward(self, step: StepCache) -> torch.Tensor:
-        mask = step.need("mvm_mask", f"loss term {self.name!r}")
+        mask = step.need("mvm_hidden", f"loss term {self.name!r}")
         video = step["masked_video"]
         b, n = mask.shape
         patches = video.tokens[:, video.tokens.shape[1] - n:]          # drop the CLS token

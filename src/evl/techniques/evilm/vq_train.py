@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from evl.checkpoint import staged_dir
 from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.data.datasets import DataConfig
 from evl.errors import ConfigError
 from evl.models.masking import normalize_targets, patchify
 from evl.models.video import VideoEncoder
-from evl.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig, check_same_tubelets
-from evl.recipes import DataConfig
+from evl.techniques.evilm.vq_tokenizer import VQTokenizer, VQTokenizerConfig, check_same_tubelets
+from evl.train.objective import Objective, run_objective
 from evl.train.state import FINAL_DIR, SUMMARY_FILE
 from evl.train.trainer import TrainConfig, Trainer
 
@@ -81,24 +81,18 @@ def load_teacher(path: str | None, recipe: VQRecipe) -> VideoEncoder | None:
         raise ConfigError(f"tokenizer.target_dim={cfg.target_dim} but the teacher {path} has features of width "
                           f"{width}; drop tokenizer.target_dim (it follows the teacher) or pick another teacher")
     cfg.target_dim = width
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return Objective.freeze(teacher)
 
 
-class _TokenizerObjective(nn.Module):
+class _TokenizerObjective(Objective):
     """What the Trainer trains: the tokenizer, with the frozen teacher that gives its targets."""
+
+    frozen = ("teacher",)
 
     def __init__(self, tokenizer: VQTokenizer, teacher: VideoEncoder | None):
         super().__init__()
         self.tokenizer = tokenizer
-        self.teacher = teacher
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+        self.teacher = self.freeze(teacher)
 
     def targets(self, frames: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
@@ -113,10 +107,6 @@ class _TokenizerObjective(nn.Module):
         out = self.tokenizer(frames, self.targets(frames))
         return {"loss": out.loss, "rec": out.reconstruction, "commit": out.commit,
                 "perplexity": out.perplexity, "codes_used": out.used}
-
-
-def _loss(module, batch):
-    return module(batch)
 
 
 @torch.no_grad()
@@ -161,7 +151,7 @@ def train_tokenizer(recipe: VQRecipe, resume: bool = False) -> dict[str, Any]:
                                           replace_bad=8, split=recipe.data.split)
         collate = Collator(None)
         objective = _TokenizerObjective(tokenizer, teacher)
-        trainer = Trainer(objective, _loss, data, recipe.train, collate_fn=collate,
+        trainer = Trainer(objective, run_objective, data, recipe.train, collate_fn=collate,
                           model_config={"kind": "vq_tokenizer_training", "recipe": to_dict(recipe)})
         result = trainer.fit(resume=resume)
         summary = {"steps": result.steps, "final_losses": result.final_losses, "train_time_s": result.wall_time_s,
@@ -172,7 +162,7 @@ def train_tokenizer(recipe: VQRecipe, resume: bool = False) -> dict[str, Any]:
                                           recipe.train.batch_size)
         final = Path(recipe.train.out_dir) / FINAL_DIR
         with staged_dir(final) as staged:   # final/ appears whole or not at all
-            tokenizer.save_pretrained(staged, {**summary, "recipe": to_dict(recipe)})
+            tokenizer.save_pretrained(staged, metadata={**summary, "recipe": to_dict(recipe)})
         summary["checkpoint"] = str(final)
         (Path(recipe.train.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary

@@ -33,6 +33,7 @@ from torch import nn
 from evl.config import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, check_range
 from evl.errors import ConfigError
 from evl.models.layers import Block
+from evl.models.saved import SavedModel
 from evl.models.video import VideoEncoder, VideoEncoderConfig
 
 
@@ -186,11 +187,15 @@ class TokenizerOutput:
     codes: torch.Tensor
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(SavedModel, nn.Module):
     """Tubelets → codes, trained to reconstruct a target per tubelet; see the module docstring."""
 
-    CONFIG_FILE = "config.json"
-    WEIGHTS_FILE = "tokenizer.safetensors"
+    kind = "vq_tokenizer"        # SavedModel: save_pretrained(directory, metadata=...) / from_pretrained
+    config_key = "tokenizer"
+    config_class = VQTokenizerConfig
+    weights_file = "tokenizer.safetensors"
+    what = "a VQ tokenizer"
+    how_to_get = "train one with `evl vq train` and pass its final/ folder"
 
     def __init__(self, cfg: VQTokenizerConfig):
         super().__init__()
@@ -242,34 +247,11 @@ class VQTokenizer(nn.Module):
 
     # ---- saving: safetensors + config.json (with the codebook usage), loaded frozen by MVM ----
 
-    def save_pretrained(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        from evl.checkpoint import atomic_write_json, atomic_write_safetensors
-        from evl.config import to_dict
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_safetensors(directory / self.WEIGHTS_FILE, self.state_dict())
-        atomic_write_json(directory / self.CONFIG_FILE, {"kind": "vq_tokenizer", "tokenizer": to_dict(self.cfg),
-                                                         "metadata": metadata or {}})
-        return directory
-
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VQTokenizer:
         """A saved tokenizer, frozen, in eval mode. Errors name the folder."""
-        from evl.checkpoint import load_model_state, read_config
-        from evl.config import from_dict
-        from evl.errors import CheckpointError
-
-        directory = Path(directory)
-        if not (directory / cls.CONFIG_FILE).is_file():
-            raise CheckpointError(f"{directory}: not a saved VQ tokenizer (no {cls.CONFIG_FILE}); train one with "
-                                  "`evl vq train` and pass its final/ folder")
-        cfg = read_config(directory)
-        if cfg.get("kind") != "vq_tokenizer":
-            raise CheckpointError(f"{directory} holds a {cfg.get('kind', 'model')!r} checkpoint, not a VQ tokenizer")
-        tok = cls(from_dict(VQTokenizerConfig, cfg["tokenizer"], where=f"{directory}/config.json tokenizer"))
-        load_model_state(tok, directory / cls.WEIGHTS_FILE)
-        tok.metadata = cfg.get("metadata", {})
+        tok = super().from_pretrained(directory)
+        tok.metadata = cls.checkpoint_config(directory).get("metadata", {})
         for p in tok.parameters():
             p.requires_grad_(False)
         return tok.eval()

@@ -15,7 +15,7 @@ each pick was (a learned embedding per candidate index), so temporal questions c
 
 Selectors (`select`): `all` (k = N), `uniform`, `prompter` (VLAP's Frame-Prompter) and `localizer`
 (SeViLA-style: its own QFormer scores every candidate frame on its own; the top k are kept, in
-temporal order). The choice is config: one forward for all of them (`evl.models.frame_prompter`).
+temporal order). The choice is config: one forward for all of them (`evl.techniques.vlap.frame_prompter`).
 
 Checkpoints: `save_pretrained` writes the whole model (frozen towers included) with config kind
 "frame_qa" and the answer vocabulary, so `evl ask` needs nothing else.
@@ -33,21 +33,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from evl.config import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, check_range, from_dict, to_dict
+from evl.config import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, check_range, from_dict
 from evl.data import MAX_FRAMES
-from evl.errors import CheckpointError, ConfigError
-from evl.models.frame_prompter import (
-    FramePrompter,
-    Selection,
-    gumbel_pick,
-    temperature_at,
-    topk_pick,
-    uniform_pick,
-)
+from evl.errors import ConfigError
 from evl.models.layers import Block
-from evl.models.qformer import QFormer, QFormerConfig
+from evl.models.saved import SavedModel
+from evl.models.selection import Selection, topk_pick
 from evl.models.text import TextEncoder, TextEncoderConfig, masked_mean
 from evl.models.video import VideoEncoder, VideoEncoderConfig
+from evl.techniques.vlap.frame_prompter import FramePrompter, gumbel_pick, temperature_at, uniform_pick
+from evl.techniques.vlap.qformer import QFormer, QFormerConfig
 
 KIND = "frame_qa"
 SELECTORS = ("all", "uniform", "prompter", "localizer")
@@ -125,7 +120,12 @@ class Localizer(nn.Module):
         return self.head(out.mean(dim=1)).view(b, n)
 
 
-class FrameQAModel(nn.Module):
+class FrameQAModel(SavedModel, nn.Module):
+    kind = KIND                  # SavedModel: save_pretrained (+ answers.json) / from_pretrained / read_vocab
+    config_class = FrameQAConfig
+    what = "a frame-QA model (kind 'frame_qa')"
+    how_to_get = "train one with `evl vlap train`"
+
     def __init__(self, cfg: FrameQAConfig):
         super().__init__()
         self.cfg = cfg
@@ -258,7 +258,7 @@ class FrameQAModel(nn.Module):
                       input_ids: torch.Tensor, attention_mask: torch.Tensor, progress: float = 1.0,
                       options: bool = False) -> FrameQAOutput:
         """The same answer from pre-extracted features of all N candidates (training: the frozen
-        tower's outputs are extracted once, `evl.vlap.extract_features`)."""
+        tower's outputs are extracted once, `evl.techniques.vlap.features.extract_features`)."""
         question = self.question_features(input_ids, attention_mask)
         sel = self.select(frame_mask, question, attention_mask, patches, tokens, progress)
         return self.read(gather_picks(tokens, sel), sel, question, attention_mask, options)
@@ -293,38 +293,15 @@ class FrameQAModel(nn.Module):
         model.text.load_state_dict(_unfused(base.text.state_dict()), strict=True)
         return model
 
-    def save_pretrained(self, directory: str | Path, vocab=None, metadata: dict | None = None) -> Path:
-        from evl.checkpoint import save_model
-        from evl.tasks.registry import ANSWERS_FILE
-
-        path = save_model(directory, self, {"kind": KIND, "model": to_dict(self.cfg), "metadata": metadata or {}})
-        if vocab is not None:
-            (Path(path) / ANSWERS_FILE).write_text(vocab.to_json())
-        return Path(path)
+    @classmethod
+    def from_config_dict(cls, data: dict, where: str = "model") -> FrameQAModel:
+        cfg = from_dict(FrameQAConfig, data, where=where)
+        cfg.text = dataclasses.replace(cfg.text, pretrained=None)   # the checkpoint holds the towers' weights
+        return cls(cfg)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> FrameQAModel:
-        from evl.checkpoint import load_model_state, read_config
-
-        data = read_config(directory)
-        if data.get("kind") != KIND:
-            what = {"frame_qa_training": "a Trainer checkpoint of `evl vlap train` (pass its out_dir/final instead)"
-                    }.get(data.get("kind"), f"a {data.get('kind') or 'video-language model'} checkpoint")
-            raise CheckpointError(f"{directory} holds {what}, not a frame-QA model (kind {KIND!r}); "
-                                  "train one with `evl vlap train`")
-        cfg = from_dict(FrameQAConfig, data["model"], where=f"{directory}/config.json")
-        cfg.text = dataclasses.replace(cfg.text, pretrained=None)
-        model = cls(cfg)
-        load_model_state(model, directory, strict=True)
-        return model.eval()
-
-    @staticmethod
-    def read_vocab(directory: str | Path):
-        from evl.tasks.qa import AnswerVocab
-        from evl.tasks.registry import ANSWERS_FILE
-
-        path = Path(directory) / ANSWERS_FILE
-        return AnswerVocab.from_json(path.read_text()) if path.is_file() else None
+        return super().from_pretrained(directory).eval()
 
 
 def gather_picks(tokens: torch.Tensor, sel: Selection) -> torch.Tensor:

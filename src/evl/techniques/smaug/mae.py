@@ -17,7 +17,6 @@ import torch
 
 from evl.losses.step import StepCache
 from evl.losses.terms import BatchTransform, LossTerm, TermContext
-from evl.models.mae_decoder import MAEDecoder
 from evl.models.masking import (
     blockwise_mask,
     keep_index_from_mask,
@@ -27,6 +26,7 @@ from evl.models.masking import (
     random_mask,
     tube_mask,
 )
+from evl.techniques.smaug.mae_decoder import MAEDecoder
 
 MASKS = {"tube": tube_mask, "random": random_mask}
 MASK_KINDS = {**MASKS, "blockwise": blockwise_mask}
@@ -41,7 +41,7 @@ class MaskVideo:
     with another batch split). A class, so DataLoader workers started with "spawn" can pickle it."""
 
     def __init__(self, patch_size: int, tubelet_size: int, ratio: float, kind: str, shared: bool,
-                 key: str = "video_mask", salt: int = _SEED_MIX, **options):
+                 key: str = "video_hidden", salt: int = _SEED_MIX, **options):
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.ratio, self.kind, self.shared, self.key, self.salt = ratio, kind, shared, key, salt
         self.options = options   # extra arguments of the mask function (blockwise: min_block)
@@ -77,7 +77,7 @@ def _visible_video(step: StepCache):
     """The clip encoded from its visible patches (the step's own video when the mask is shared)."""
     if step.batch.get("video_keep_index") is not None:
         return step["video"]
-    mask = step.need("video_mask", "step feature 'visible_video'")
+    mask = step.need("video_hidden", "step feature 'visible_video'")
     return step.model.video_features(step.batch["frames"], step.batch.get("frame_mask"),
                                      keep_index=keep_index_from_mask(mask), hooks=step.video_hooks or None)
 
@@ -126,7 +126,7 @@ class VideoMAETerm(LossTerm):
         return normalize_targets(patches, self.channels) if self.norm_targets else patches
 
     def forward(self, step: StepCache) -> torch.Tensor:
-        mask = step.need("video_mask", f"loss term {self.name!r}")
+        mask = step.need("video_hidden", f"loss term {self.name!r}")
         frames = step.batch["frames"]
         video = step["visible_video"]
         b, n = mask.shape

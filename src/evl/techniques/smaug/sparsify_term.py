@@ -2,7 +2,7 @@
 `objectives: {sparsify: {keep_rate: 0.7, layers: [2], keep_frames: 2, frame_layer: 1}}`.
 
 It adds no loss (`adds_loss = False`): it puts hooks into the video tower of every training step
-(`evl.models.sparsify`). Spatially, before each block in `layers`, every time slot keeps its top
+(`evl.techniques.smaug.sparsify`). Spatially, before each block in `layers`, every time slot keeps its top
 ⌈ρ·S⌉ patch tokens by CLS attention and fuses the rest into one token; ρ follows a cosine schedule
 from 1 to `keep_rate` over the first `rate_warmup` fraction of training. Temporally, before block
 `frame_layer`, the text-guided frame selector (an auxiliary module, trained through the other losses
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from evl.losses.step import StepCache
 from evl.losses.terms import LossTerm, TermContext
-from evl.models.sparsify import SpatialSparsify, TextGuidedFrameSelector, keep_rate_at
+from evl.techniques.smaug.sparsify import SpatialSparsify, TextGuidedFrameSelector, keep_rate_at
 
 
 class SparsifyTerm(LossTerm):
@@ -60,7 +60,7 @@ class SparsifyTerm(LossTerm):
             raise ValueError(f"keep_frames={keep_frames!r} must be in [1, {slots}]: the model's clips have {slots} "
                              f"time slots (video.num_frames {video.num_frames} / tubelet_size "
                              f"{video.tubelet_size}); 0 or null switches frame selection off")
-        fuse_start = depth - video.fusion_layers
+        fuse_start = video.first_fused_layer
         if keep_frames and not 0 <= frame_layer < fuse_start:
             raise ValueError(f"frame_layer={frame_layer!r} must be in [0, {fuse_start - 1}]: frames are chosen "
                              f"for the paired text before a block of the video tower's dual part "
@@ -90,11 +90,10 @@ class SparsifyTerm(LossTerm):
 def frame_selector_from_checkpoint(checkpoint: str | Path) -> tuple[TextGuidedFrameSelector, int]:
     """(the trained text-guided frame selector, the block it runs before) from a Trainer checkpoint
     (`checkpoints/step_*`, which keeps the auxiliary state); `final/` holds the model only."""
-    from evl.checkpoint import load_tensors, read_config
+    from evl.checkpoint import read_config, term_state
     from evl.config import from_dict
     from evl.errors import CheckpointError
     from evl.models.model import ModelConfig
-    from evl.train.state import AUX_FILE
 
     directory = Path(checkpoint)
     cfg = read_config(directory)
@@ -102,11 +101,7 @@ def frame_selector_from_checkpoint(checkpoint: str | Path) -> tuple[TextGuidedFr
     if not isinstance(spec, dict) or not spec.get("keep_frames"):
         raise CheckpointError(f"{directory}: the run was not trained with frame selection (its recipe has no "
                               "objectives.sparsify.keep_frames)")
-    if not (directory / AUX_FILE).is_file():
-        raise CheckpointError(f"{directory} has no {AUX_FILE}: the selector is kept in the Trainer's checkpoints "
-                              "(checkpoints/step_*), not in final/")
+    state = term_state(directory, SparsifyTerm.name, "selector")
     term = SparsifyTerm(TermContext(from_dict(ModelConfig, cfg["model"], where="model")), **spec)
-    prefix = f"terms.{SparsifyTerm.name}.selector."
-    state = {k[len(prefix):]: v for k, v in load_tensors(directory / AUX_FILE).items() if k.startswith(prefix)}
     term.selector.load_state_dict(state)
     return term.selector.eval(), term.frame_layer
