@@ -143,12 +143,12 @@ def zero_shot(checkpoint: str, data: Path) -> dict:
 def finetune(pre_ckpt: str, data: Path, out: Path, seed: int) -> dict:
     """The quickstart's fine-tuning from `pre_ckpt`, then fine-tuned retrieval R@1, QA and MC on the test split."""
     from evl.data.annotations import read_annotations
+    from evl.data.answers import AnswerVocab
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
     from evl.quickstart import _recipe
     from evl.recipes import evaluate_checkpoint_model, run_recipe
     from evl.tasks.evaluate import EvalSettings
-    from evl.tasks.qa import AnswerVocab
 
     seed_o = [f"train.seed={seed}"]
     ret = run_recipe(_recipe("retrieval-tiny", data, out / "retrieval", ("retrieval_train.json", "retrieval_test.json"),

@@ -39,7 +39,7 @@ def _overrides(data: Path, out: Path, files: tuple[str, str], steps: int, seed: 
 
 
 def train_tokenizers(data: Path, teacher: str, steps: int, work: Path) -> dict[str, dict]:
-    from evl.vq import load_vq_recipe, train_tokenizer
+    from evl.techniques.evilm.vq_train import load_vq_recipe, train_tokenizer
 
     out = {}
     for name, extra in TOKENIZERS.items():
@@ -64,11 +64,11 @@ def objectives(target: str, tokenizers: dict[str, dict]) -> dict:
 
 
 def run_row(target: str, seed: int, args, data: Path, tokenizers: dict[str, dict]) -> dict:
+    from evl.data.answers import AnswerVocab
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
     from evl.quickstart import compositional_breakdown
     from evl.recipes import load_recipe, run_recipe
-    from evl.tasks.qa import AnswerVocab
 
     work = args.work / f"s{seed}-{target}"
     spec = json.dumps(objectives(target, tokenizers))

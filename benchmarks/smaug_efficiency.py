@@ -161,11 +161,11 @@ def pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, dat
 
 def _pretrain_and_evaluate(config: str, seed: int, steps: int, qa_steps: int, data: Path, out: Path) -> dict:
     from evl.data.annotations import read_annotations
+    from evl.data.answers import AnswerVocab
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
     from evl.recipes import evaluate_checkpoint_model, run_recipe
     from evl.tasks.evaluate import EvalSettings
-    from evl.tasks.qa import AnswerVocab
 
     spec = json.dumps(objectives(config, "tiny"))
     pre = run_recipe(_recipe("pretrain-tiny", data, out / "pre", ("pretrain.json", "retrieval_val.json"),

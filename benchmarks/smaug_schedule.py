@@ -36,7 +36,7 @@ def one(model: str, config: str, progress: float, steps: int) -> dict:
     from smaug_efficiency import objectives
     from train_step import bench_model
 
-    from evl.models.sparsify import keep_rate_at
+    from evl.techniques.smaug.sparsify import keep_rate_at
 
     spec = objectives(config, model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -67,8 +67,9 @@ def test_details(checkpoint: str, data: Path, candidates: int) -> dict:
     from evl.data.datasets import clip_key
     from evl.data.text import tokenizer_for
     from evl.data.video import sample_indices
-    from evl.models.frame_qa import FrameQAModel
-    from evl.vlap import evaluate_features, extract_features
+    from evl.techniques.vlap.evaluate import evaluate_features
+    from evl.techniques.vlap.features import extract_features
+    from evl.techniques.vlap.frame_qa import FrameQAModel
 
     records = read_annotations(data / "annotations" / "qa_test.json")
     model = FrameQAModel.from_pretrained(checkpoint)
@@ -106,7 +107,7 @@ def _row(name: str, k: int, seed: int, summary: dict, args, data: Path) -> dict:
 
 
 def train_rows(args, data: Path, backbone: str) -> list[dict]:
-    from evl.vlap import load_vlap_recipe, train_vlap
+    from evl.techniques.vlap.train import load_vlap_recipe, train_vlap
 
     cache = args.work / "rows.jsonl"
     rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
@@ -155,7 +156,7 @@ def measure_latency(rows: list[dict], data: Path, repeats: int, batch: int) -> d
     from evl.data.annotations import read_annotations
     from evl.data.datasets import ClipSettings, VideoTextDataset
     from evl.data.text import tokenizer_for
-    from evl.models.frame_qa import FrameQAModel
+    from evl.techniques.vlap.frame_qa import FrameQAModel
 
     seed0 = [r for r in rows if r["seed"] == min(r["seed"] for r in rows)]
     models = {(r["method"], r["k"]): FrameQAModel.from_pretrained(r["checkpoint"]) for r in seed0}
