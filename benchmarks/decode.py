@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evl.data import video as video_mod
+from evl.data import video_pyav as video_mod  # the PyAV backend's internals
 from evl.data.video import load_clip
 from evl.data.video_writer import write_video
 

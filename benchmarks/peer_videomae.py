@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from evl.models.video import VideoEncoder, VideoEncoderConfig, load_videomae_state_dict
+from evl.models.video import VideoEncoder, VideoEncoderConfig
+from evl.models.videomae import load_videomae_state_dict
 
 SIZES = {
     # ViT-S/16, 16 frames 224² — VideoMAE-S (1568 tokens)

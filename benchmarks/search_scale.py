@@ -64,7 +64,8 @@ def text_query_recall(model_dir: Path, clips: int, seed: int, n_queries: int, wo
     from evl.data.synthetic import write_synthvl
     from evl.data.text import tokenizer_for
     from evl.models.model import VideoLanguageModel
-    from evl.search.index import DB_FILE, build_index, load_embeddings, make_vector_index, recall_at_k
+    from evl.search.index import build_index
+    from evl.search.vectors import DB_FILE, load_embeddings, make_vector_index, recall_at_k
     from evl.tasks.evaluate import EvalSettings, embed_texts
 
     data = work / f"synthvl-{clips}-s{seed}"
@@ -124,7 +125,7 @@ def main() -> None:
     import faiss
 
     from evl.precision import cpu_info
-    from evl.search.index import make_vector_index, recall_at_k
+    from evl.search.vectors import make_vector_index, recall_at_k
 
     sys.path.insert(0, str(HERE))
     from _meta import finish_meta, run_meta

@@ -237,7 +237,7 @@ def test_cli_index_segments_search_and_rerank(tmp_path, videos, trained):
 
 
 def test_the_approximate_index_finds_what_exact_search_finds():
-    from evl.search.index import make_vector_index, recall_at_k
+    from evl.search.vectors import make_vector_index, recall_at_k
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 32))
@@ -256,7 +256,8 @@ def test_the_approximate_index_finds_what_exact_search_finds():
 def test_build_time_recall_is_measured_with_text_queries_not_stored_vectors(tmp_path):
     """Stored vectors sit in a probed list by construction (recall 1 whatever the index); the build-time
     figure comes from the text-query embeddings it is given, and is not measured without them."""
-    from evl.search.index import connect, make_vector_index, recall_at_k, write_vector_index
+    from evl.search.index import connect
+    from evl.search.vectors import make_vector_index, recall_at_k, write_vector_index
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(40, 16))
@@ -282,7 +283,7 @@ def test_build_time_recall_is_measured_with_text_queries_not_stored_vectors(tmp_
 
 
 def test_recall_queries_file_is_read_and_bad_ones_are_refused(tmp_path):
-    from evl.search.index import read_recall_queries
+    from evl.search.vectors import read_recall_queries
 
     packaged = read_recall_queries()
     assert len(packaged) >= 50 and all(q and not q.startswith("#") for q in packaged)

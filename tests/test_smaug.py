@@ -16,7 +16,8 @@ from evl.losses.registry import build_terms, parse_objectives
 from evl.losses.terms import TermContext
 from evl.models.masking import normalize_targets, patchify
 from evl.models.model import ModelConfig, VideoLanguageModel
-from evl.models.video import VideoEncoder, VideoEncoderConfig, VideoTokens
+from evl.models.tokens import VideoTokens
+from evl.models.video import VideoEncoder, VideoEncoderConfig
 from evl.techniques.smaug.mae import MaskVideo
 from evl.techniques.smaug.sparsify import (
     SpatialSparsify,

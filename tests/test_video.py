@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evl.data import video as video_mod
+from evl.data import video_pyav as video_mod  # the PyAV backend's internals
 from evl.data.transforms import (
     CLIP_MEAN,
     IMAGENET_MEAN,
@@ -540,7 +540,7 @@ def test_frames_a_seek_cannot_find_are_decoded_from_the_start(tmp_path, monkeypa
     seek that misses them must fall back to decoding forward, not report the file as corrupt."""
     import contextlib
 
-    import evl.data.video as V
+    import evl.data.video_pyav as V
 
     path = write_raw(tmp_path / "v.avi", [index_frame(i) for i in range(40)], "mpeg4")
     wanted = [2, 17, 30, 37]   # none a keyframe (every 4th frame is)

@@ -8,12 +8,8 @@ import torch
 
 import needs
 from evl.errors import CheckpointError, ConfigError
-from evl.models.video import (
-    VideoEncoder,
-    VideoEncoderConfig,
-    load_videomae_state_dict,
-    videomae_to_evl,
-)
+from evl.models.video import VideoEncoder, VideoEncoderConfig
+from evl.models.videomae import load_videomae_state_dict, videomae_to_evl
 
 TINY = dict(image_size=32, patch_size=8, tubelet_size=2, num_frames=4, hidden_size=32, num_layers=2,
             num_heads=4, mlp_ratio=2.0)
@@ -157,7 +153,7 @@ def test_position_embedding_interpolation(pos_embed, attention):
         img = pe.spatial.reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
         torch.testing.assert_close(F.interpolate(img, size=(4, 4), mode="bicubic"), img)
     else:
-        from evl.models.video import videomae_sincos_table
+        from evl.models.positions import videomae_sincos_table
         table = videomae_sincos_table(32, 32)
         assert torch.equal(pe(native), table)
         grid = table.reshape(1, 2, 4, 4, 32).permute(0, 4, 1, 2, 3)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evl.models.video import TokenHook, VideoTokens
+from evl.models.tokens import TokenHook, VideoTokens
 
 
 @dataclass

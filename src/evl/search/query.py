@@ -20,14 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from evl.errors import ConfigError, EvlError
-from evl.search.index import (
-    DB_FILE,
-    IndexDamaged,
-    connect,
-    load_vectors,
-    printable,
-    read_info,
-)
+from evl.search.index import IndexDamaged, connect, printable, read_info
+from evl.search.vectors import DB_FILE, load_vectors
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from evl.models.features import FusionOutput, TextFeatures, VideoFeatures
 from evl.models.text import masked_mean
-from evl.models.video import apply_hooks
+from evl.models.tokens import apply_hooks
 
 
 class BackboneFusion(nn.Module):

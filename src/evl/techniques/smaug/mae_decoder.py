@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from evl.models.layers import Block
-from evl.models.video import videomae_sincos_table
+from evl.models.positions import videomae_sincos_table
 
 
 class MAEDecoder(nn.Module):

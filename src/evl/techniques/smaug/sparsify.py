@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.models.selection import topk_pick
-from evl.models.video import VideoBlock, VideoTokens
+from evl.models.tokens import VideoTokens
+from evl.models.video import VideoBlock
 
 
 def keep_rate_at(progress: float, target: float, warmup: float) -> float:
