@@ -12,6 +12,7 @@ import math
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -317,8 +318,23 @@ def load_yaml(path: str | Path, kind: str = "recipes", _seen: tuple[Path, ...] =
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                kind: str = "recipes") -> T:
-    """YAML file (or packaged name of `kind`) + `key=value` overrides → typed config `cls`."""
+                kind: str = "recipes", expand: Callable[[dict], dict] | None = None,
+                whole: tuple[str, ...] = (), where: str = "config") -> T:
+    """YAML file (or packaged name of `kind`) + `key=value` overrides → typed config `cls`: the one loader
+    of every recipe kind (training recipes, tokenizer recipes, VLAP recipes).
+
+    `expand(data)` runs before *and* after the overrides are merged (so `model: tiny` is expanded to the
+    packaged model's mapping that `model.video.num_layers=2` then refines, and `model=small` replaces).
+    An override of a key in `whole` (`objectives={vtc: 1}`) replaces the file's value instead of merging
+    into it (`objectives.vtm=0` still changes one entry)."""
     data = load_yaml(path, kind) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return from_dict(cls, data, where=str(path) if path is not None else "config")
+    overrides = list(overrides or [])
+    for key in whole:
+        if any(o.split("=", 1)[0].strip() == key for o in overrides):
+            data.pop(key, None)
+    if expand is not None:
+        data = expand(data)
+    data = deep_merge(data, parse_overrides(overrides))
+    if expand is not None:
+        data = expand(data)
+    return from_dict(cls, data, where=str(path) if path is not None else where)

@@ -7,15 +7,13 @@ key is an error naming the nearest valid one. `evl pretrain` and `evl finetune` 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evl.checkpoint import staged_dir
-from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.config import deep_merge, load_config, load_yaml, to_dict
 from evl.data.annotations import read_annotations
 from evl.data.answers import ANSWERS_FILE
 from evl.data.check import preflight_videos
@@ -25,8 +23,8 @@ from evl.losses.registry import parse_objectives
 from evl.models.model import ModelConfig, VideoLanguageModel
 from evl.tasks.evaluate import EvalSettings
 from evl.tasks.registry import get_task
-from evl.train.objective import TrainObjective, run_objective
-from evl.train.state import FINAL_DIR, SUMMARY_FILE, check_out_dir
+from evl.train.objective import TrainObjective
+from evl.train.state import FINAL_DIR, check_out_dir
 from evl.train.trainer import SKIP_WARN_RATE, Callback, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -50,18 +48,10 @@ class RecipeConfig:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
-    """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded."""
-    data = _expand_model(load_yaml(path, "recipes") if path is not None else {})
-    overrides = list(overrides or [])
-    # `objectives={vtc: 1, egonce: 1}` names the whole list of terms: it replaces the recipe's rather
-    # than merging into it (`objectives.vtm=0` still changes one weight)
-    whole = [o for o in overrides if o.split("=", 1)[0].strip() == "objectives"]
-    if whole:
-        data.pop("objectives", None)
-    # expand `model: name` before *and* after merging, so `model.video.num_layers=2` refines the named
-    # model and `model=small` replaces it
-    data = _expand_model(deep_merge(data, parse_overrides(overrides or [])))
-    return from_dict(RecipeConfig, data, where=str(path) if path is not None else "recipe")
+    """YAML recipe (file or packaged name) + overrides → RecipeConfig, with `model: name` expanded;
+    `objectives={vtc: 1, egonce: 1}` names the whole list of terms (it replaces the recipe's)."""
+    return load_config(RecipeConfig, path, overrides, "recipes", expand=_expand_model, whole=("objectives",),
+                       where="recipe")
 
 
 def _expand_model(data: dict) -> dict:
@@ -85,24 +75,20 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     """Train per the recipe, save `out_dir/final` (model + config + answer vocab), evaluate on test.
 
     `init`: a checkpoint folder (saved by evl) to start from; its architecture wins over the recipe's
-    `model:` section, and a QA head is created fresh when the task needs one. Under torchrun the
-    process group is opened here (the Trainer reuses it), so that after training rank 0 alone saves
-    and evaluates the final model.
+    `model:` section, and a QA head is created fresh when the task needs one. Runs through the one run
+    function (`evl.train.run.run_job`): under torchrun rank 0 alone saves and evaluates the final model.
     """
-    from evl.train.dist import init_distributed
+    from evl.train.run import run_job
 
-    ctx = init_distributed(cfg.train.device)
-    try:
-        return _run(cfg, init, resume, evaluate, ctx.is_main)
-    finally:
-        ctx.close()
+    return run_job(cfg.train, lambda ctx: _job(cfg, init, resume, evaluate, ctx.is_main), resume)
 
 
-def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool) -> dict:
+def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool):
     import torch
 
     from evl.data.answers import AnswerVocab
     from evl.data.text import tokenizer_for, tokenizer_name
+    from evl.train.run import Job
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: set it to an annotation file (e.g. data.train=runs/x/annotations/pretrain.json)")
@@ -149,33 +135,27 @@ def _run(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
     objective = TrainObjective.from_spec(model, objectives_of(cfg), tokenizer)
-    collate = Collator(tokenizer, cfg.data.max_text_len, answer_vocab=vocab, transforms=objective.batch_transforms())
-    trainer = Trainer(objective, run_objective, train_ds, cfg.train, collate_fn=collate,
-                      model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)},
-                      callbacks=[_CopyTokenizer(tokenizer.source)] if is_main else None)
-    result = trainer.fit(resume=resume)
-    summary = {"task": cfg.task, "objectives": objective.weights, "steps": result.steps,
-               "final_losses": result.final_losses, "train_time_s": result.wall_time_s,
-               "skipped_samples": result.skipped_samples, "nonfinite_steps": result.nonfinite_steps,
-               "precision": trainer.precision.name, "precision_reason": trainer.precision.reason}
-    if not is_main:
-        return summary
-    if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
-        model = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
-    final = out_dir / FINAL_DIR
-    with staged_dir(final) as staged:   # final/ appears whole or not at all
-        model.save_pretrained(staged)
-        shutil.copyfile(tokenizer.source / "tokenizer.json", staged / "tokenizer.json")
-        if vocab is not None:
-            (staged / ANSWERS_FILE).write_text(vocab.to_json())
-    summary["checkpoint"] = str(final)
-    if evaluate and cfg.data.test:
-        summary["test"] = evaluate_checkpoint_model(model, cfg.task, cfg.data.test, cfg.data.videos, tokenizer,
-                                                    cfg.eval, vocab=vocab, fmt=cfg.data.format,
-                                                    train_records=train_ds.records, num_frames=num_frames,
-                                                    split=cfg.data.test_split)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+
+    def save(folder: Path, result, summary: dict) -> None:
+        final = model
+        if cfg.train.strategy == "fsdp":   # the in-memory model is sharded; the last checkpoint is whole
+            final = VideoLanguageModel.from_pretrained(result.checkpoint_dir)
+        final.save_pretrained(folder, vocab)
+        shutil.copyfile(tokenizer.source / "tokenizer.json", folder / "tokenizer.json")
+
+    def test() -> dict:
+        saved = VideoLanguageModel.from_pretrained(out_dir / FINAL_DIR) if cfg.train.strategy == "fsdp" else model
+        return evaluate_checkpoint_model(saved, cfg.task, cfg.data.test, cfg.data.videos, tokenizer, cfg.eval,
+                                         vocab=vocab, fmt=cfg.data.format, train_records=train_ds.records,
+                                         num_frames=num_frames, split=cfg.data.test_split)
+
+    return Job(objective=objective, dataset=train_ds,
+               collate=Collator(tokenizer, cfg.data.max_text_len, answer_vocab=vocab,
+                                transforms=objective.batch_transforms()),
+               model_config={"model": to_dict(model.cfg), "recipe": to_dict(cfg)}, save=save,
+               summary={"task": cfg.task, "objectives": objective.weights},
+               evaluate=test if evaluate and cfg.data.test else None,
+               callbacks=[_CopyTokenizer(tokenizer.source)])
 
 
 class _CopyTokenizer(Callback):

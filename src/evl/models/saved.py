@@ -84,7 +84,8 @@ class SavedModel:
         what it holds and what to pass instead."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{directory}: not {cls.what} folder (no {CONFIG_FILE}); {cls.how_to_get}")
+            raise CheckpointError(f"{directory / CONFIG_FILE} does not exist: {directory} is not {cls.what} folder "
+                                  f"(no {CONFIG_FILE}); {cls.how_to_get}")
         config = read_config(directory)
         if config.get("kind") != cls.kind:
             raise CheckpointError(f"{directory} holds {describe_kind(config.get('kind'))}, not {cls.what}; "

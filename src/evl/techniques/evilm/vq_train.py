@@ -12,7 +12,6 @@ tokenizer's weights and config, with the codebook usage measured over the traini
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,14 @@ from typing import Any
 
 import torch
 
-from evl.checkpoint import staged_dir
-from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.config import load_config, load_yaml, to_dict
 from evl.data.datasets import DataConfig
 from evl.errors import ConfigError
 from evl.models.masking import normalize_targets, patchify
 from evl.models.video import VideoEncoder
 from evl.techniques.evilm.vq_tokenizer import VQTokenizer, VQTokenizerConfig, check_same_tubelets
-from evl.train.objective import Objective, run_objective
-from evl.train.state import FINAL_DIR, SUMMARY_FILE
-from evl.train.trainer import TrainConfig, Trainer
+from evl.train.objective import Objective
+from evl.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +48,14 @@ class VQRecipe:
 def load_vq_recipe(path: str | Path | None, overrides: list[str] | None = None) -> VQRecipe:
     """YAML (file or packaged name in configs/tokenizers/) + overrides. `tokenizer.video` may name a
     model config (`tiny`): the tokenizer then cuts clips exactly as that model does."""
-    data = load_yaml(path, "tokenizers") if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
+    return load_config(VQRecipe, path, overrides, "tokenizers", expand=_expand_video, where="tokenizer recipe")
+
+
+def _expand_video(data: dict) -> dict:
     tok = data.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("video"), str):
         tok["video"] = load_yaml(tok["video"], "models").get("video", {})
-    return from_dict(VQRecipe, data, where=str(path) if path is not None else "tokenizer recipe")
+    return data
 
 
 def load_teacher(path: str | None, recipe: VQRecipe) -> VideoEncoder | None:
@@ -130,44 +129,42 @@ def codebook_usage(tokenizer: VQTokenizer, dataset, collate, clips: int, batch_s
 
 
 def train_tokenizer(recipe: VQRecipe, resume: bool = False) -> dict[str, Any]:
-    """Train per the recipe, save `out_dir/final` (tokenizer + config with usage metadata)."""
-    from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
-    from evl.train.dist import init_distributed
+    """Train per the recipe through the one run function (`evl.train.run.run_job`); save `out_dir/final`
+    (tokenizer + config with the codebook usage in its metadata)."""
+    from evl.train.run import run_job
 
     if not recipe.data.train:
         raise ConfigError("data.train is empty: set it to an annotation file whose videos the tokenizer learns from")
-    ctx = init_distributed(recipe.train.device)
-    try:
-        teacher = load_teacher(recipe.teacher, recipe)
-        cfg = recipe.tokenizer
-        if cfg.target == "pixel":
-            v = cfg.video
-            cfg.target_dim = v.tubelet_size * v.patch_size ** 2 * v.in_channels
-        torch.manual_seed(recipe.train.seed)
-        tokenizer = VQTokenizer(cfg)
-        clip = ClipSettings(num_frames=cfg.video.num_frames, size=cfg.video.image_size, train=True,
-                            backend=recipe.data.backend)
-        data = VideoTextDataset.from_file(recipe.data.train, recipe.data.videos, clip, "none", recipe.data.format,
-                                          replace_bad=8, split=recipe.data.split)
-        collate = Collator(None)
-        objective = _TokenizerObjective(tokenizer, teacher)
-        trainer = Trainer(objective, run_objective, data, recipe.train, collate_fn=collate,
-                          model_config={"kind": "vq_tokenizer_training", "recipe": to_dict(recipe)})
-        result = trainer.fit(resume=resume)
-        summary = {"steps": result.steps, "final_losses": result.final_losses, "train_time_s": result.wall_time_s,
-                   "skipped_samples": result.skipped_samples, "target": cfg.target, "teacher": recipe.teacher}
-        if not ctx.is_main:
-            return summary
+    return run_job(recipe.train, lambda ctx: _job(recipe), resume)
+
+
+def _job(recipe: VQRecipe):
+    from evl.data.datasets import ClipSettings, Collator, VideoTextDataset
+    from evl.train.run import Job
+
+    teacher = load_teacher(recipe.teacher, recipe)
+    cfg = recipe.tokenizer
+    if cfg.target == "pixel":
+        v = cfg.video
+        cfg.target_dim = v.tubelet_size * v.patch_size ** 2 * v.in_channels
+    torch.manual_seed(recipe.train.seed)
+    tokenizer = VQTokenizer(cfg)
+    clip = ClipSettings(num_frames=cfg.video.num_frames, size=cfg.video.image_size, train=True,
+                        backend=recipe.data.backend)
+    data = VideoTextDataset.from_file(recipe.data.train, recipe.data.videos, clip, "none", recipe.data.format,
+                                      replace_bad=8, split=recipe.data.split)
+    collate = Collator(None)
+
+    def usage(result, summary: dict) -> None:
         summary["usage"] = codebook_usage(tokenizer, _eval_view(data, clip), collate, recipe.usage_clips,
                                           recipe.train.batch_size)
-        final = Path(recipe.train.out_dir) / FINAL_DIR
-        with staged_dir(final) as staged:   # final/ appears whole or not at all
-            tokenizer.save_pretrained(staged, metadata={**summary, "recipe": to_dict(recipe)})
-        summary["checkpoint"] = str(final)
-        (Path(recipe.train.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        return summary
-    finally:
-        ctx.close()
+
+    def save(folder: Path, result, summary: dict) -> None:
+        tokenizer.save_pretrained(folder, metadata={**summary, "recipe": to_dict(recipe)})
+
+    return Job(objective=_TokenizerObjective(tokenizer, teacher), dataset=data, collate=collate,
+               model_config={"kind": "vq_tokenizer_training", "recipe": to_dict(recipe)}, save=save,
+               summary={"target": cfg.target, "teacher": recipe.teacher}, finish=usage)
 
 
 def _eval_view(data, clip):

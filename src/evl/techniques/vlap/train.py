@@ -23,7 +23,6 @@ go through the tower's blocks; a test checks that both paths give the same answe
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from evl.checkpoint import staged_dir
-from evl.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from evl.config import load_config, to_dict
 from evl.data.datasets import DataConfig
 from evl.errors import ConfigError
 from evl.losses.functional import distill_loss, mc_loss, qa_loss
@@ -49,9 +47,9 @@ from evl.techniques.vlap.features import (
 from evl.techniques.vlap.frame_prompter import temperature_at
 from evl.techniques.vlap.frame_qa import FrameQAConfig, FrameQAModel
 from evl.techniques.vlap.qformer import TokenMap
-from evl.train.objective import Objective, run_objective
-from evl.train.state import FINAL_DIR, SUMMARY_FILE, check_out_dir
-from evl.train.trainer import TrainConfig, Trainer
+from evl.train.objective import Objective
+from evl.train.state import check_out_dir
+from evl.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +67,27 @@ class VLAPRecipe:
     feature_cache: str | None = None   # folder for extracted tower features (default: out_dir/features)
     batch_size_eval: int = 64
 
+    def __post_init__(self) -> None:
+        if not self.backbone and not self.init:
+            raise ConfigError("a VLAP recipe needs backbone= (an evl checkpoint, e.g. runs/pretrain-tiny/final) or "
+                              "init= (a frame-QA checkpoint, e.g. the teacher's runs/vlap-teacher-tiny/final)")
+        if self.distill < 0:
+            raise ConfigError(f"distill must be >= 0, got {self.distill}")
+        if self.batch_size_eval < 1:
+            raise ConfigError(f"batch_size_eval={self.batch_size_eval}: must be >= 1 (questions per evaluation batch)")
+        if self.distill > 0 and not self.teacher:
+            raise ConfigError(f"distill={self.distill} needs teacher= (the all-frames model to distil from); "
+                              "set teacher=runs/vlap-teacher-tiny/final or distill=0")
+        if self.model.select == "localizer" and self.task != "qa":
+            raise ConfigError("select=localizer learns from pseudo-labels of open-ended QA (task=qa); "
+                              f"got task={self.task}")
+        if self.model.select == "localizer" and not self.teacher:
+            raise ConfigError("select=localizer needs teacher= (the all-frames model gives its pseudo-labels)")
+
 
 def load_vlap_recipe(path: str | Path | None, overrides: list[str] | None = None) -> VLAPRecipe:
     """YAML (file or packaged name in configs/vlap/) + `key=value` overrides."""
-    data = load_yaml(path, "vlap") if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    recipe = from_dict(VLAPRecipe, data, where=str(path) if path is not None else "vlap recipe")
-    if not recipe.backbone and not recipe.init:
-        raise ConfigError("a VLAP recipe needs backbone= (an evl checkpoint, e.g. runs/pretrain-tiny/final) or "
-                          "init= (a frame-QA checkpoint, e.g. the teacher's runs/vlap-teacher-tiny/final)")
-    if recipe.distill < 0:
-        raise ConfigError(f"distill must be >= 0, got {recipe.distill}")
-    if recipe.batch_size_eval < 1:
-        raise ConfigError(f"batch_size_eval={recipe.batch_size_eval}: must be >= 1 (questions per evaluation batch)")
-    if recipe.distill > 0 and not recipe.teacher:
-        raise ConfigError(f"distill={recipe.distill} needs teacher= (the all-frames model to distil from); "
-                          "set teacher=runs/vlap-teacher-tiny/final or distill=0")
-    if recipe.model.select == "localizer" and recipe.task != "qa":
-        raise ConfigError("select=localizer learns from pseudo-labels of open-ended QA (task=qa); "
-                          f"got task={recipe.task}")
-    if recipe.model.select == "localizer" and not recipe.teacher:
-        raise ConfigError("select=localizer needs teacher= (the all-frames model gives its pseudo-labels)")
-    return recipe
+    return load_config(VLAPRecipe, path, overrides, "vlap", where="vlap recipe")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -191,79 +188,78 @@ def _checkpoint(path: str, key: str) -> str:
 
 
 def train_vlap(recipe: VLAPRecipe, resume: bool = False) -> dict[str, Any]:
-    """Train per the recipe; save `out_dir/final` (the whole frame-QA model + answers.json); evaluate
-    on `data.test` when given."""
-    from evl.data.annotations import read_annotations
-    from evl.data.answers import AnswerVocab
-    from evl.data.text import tokenizer_for
-    from evl.train.dist import init_distributed
+    """Train per the recipe through the one run function (`evl.train.run.run_job`); save `out_dir/final`
+    (the whole frame-QA model + answers.json); evaluate on `data.test` when given."""
+    from evl.train.run import run_job
 
     if not recipe.data.train:
         raise ConfigError("data.train is empty: set it to a QA (or multiple-choice) annotation file")
-    ctx = init_distributed(recipe.train.device)
-    try:
-        # before anything is written (the feature cache goes under out_dir by default) or extracted
-        check_out_dir(recipe.train.out_dir, resume, recipe.train.overwrite)
-        if recipe.feature_cache:   # a file there would fail only after every clip was decoded
-            try:
-                Path(recipe.feature_cache).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"feature_cache={recipe.feature_cache} cannot be made a folder ({e.strerror or e}); "
-                                  "name a folder for the extracted features, or leave it out (out_dir/features)") from None
-        records = read_annotations(recipe.data.train, recipe.data.format, split=recipe.data.split)
-        check_task(records, recipe.task, recipe.data.train)
-        videos = videos_dir(recipe.data.videos, recipe.data.train, records)
-        vocab = None
-        if recipe.task == "qa":
-            vocab = (FrameQAModel.read_vocab(recipe.init) if recipe.init else None) or \
-                AnswerVocab.build(r.answer for r in records)
-        teacher = FrameQAModel.from_pretrained(_checkpoint(recipe.teacher, "teacher")) if recipe.teacher else None
-        torch.manual_seed(recipe.train.seed)
-        model = build_model(recipe, len(vocab) if vocab is not None else 0)
-        if teacher is not None:
-            _check_same_towers(model, teacher, f"teacher={recipe.teacher}")
-            if towers_fingerprint(teacher) != towers_fingerprint(model):
-                raise ConfigError(f"teacher={recipe.teacher} has other tower weights than the model being trained "
-                                  f"({recipe.init or recipe.backbone}): its outputs on this model's features mean nothing. "
-                                  "Use a teacher trained on the same backbone (init=<teacher> does that)")
-            t_vocab = FrameQAModel.read_vocab(recipe.teacher)
-            if vocab is not None and (t_vocab is None or t_vocab.answers != vocab.answers):
-                raise ConfigError(f"teacher={recipe.teacher} answers over another vocabulary than this run's; "
-                                  "start from the teacher (init=<teacher>) so both use its answers.json")
-            if teacher.cfg.select != "all":
-                raise ConfigError(f"teacher={recipe.teacher} reads {teacher.cfg.num_frames} selected frames "
-                                  f"(select={teacher.cfg.select}); the teacher must read all N (select=all)")
-        tokenizer = tokenizer_for(model.cfg, recipe.init or recipe.backbone)
-        out_dir = Path(recipe.train.out_dir)
-        cache = Path(recipe.feature_cache) if recipe.feature_cache else out_dir / "features"
-        text = "none" if recipe.task == "mc" else "question"
-        feats = extract_features(model, records, videos, cache, recipe.data.backend)
-        dataset = FeatureDataset(records, feats, text, train=True)
-        collate = FeatureCollator(tokenizer, recipe.data.max_text_len, answer_vocab=vocab)
-        objective = VLAPObjective(model, recipe.task, teacher, recipe.distill)
-        trainer = Trainer(objective, run_objective, dataset, recipe.train, collate_fn=collate,
-                          model_config={"kind": "frame_qa_training", "recipe": to_dict(recipe)})
-        result = trainer.fit(resume=resume)
-        summary: dict[str, Any] = {"steps": result.steps, "final_losses": result.final_losses,
-                                   "train_time_s": result.wall_time_s, "undecodable_clips": feats.bad}
-        if not ctx.is_main:
-            return summary
-        final = out_dir / FINAL_DIR
-        with staged_dir(final) as staged:   # final/ appears whole or not at all
-            model.save_pretrained(staged, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
-            (staged / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
-        summary["checkpoint"] = str(final)
-        if recipe.data.test:
-            test = read_annotations(recipe.data.test, recipe.data.format, split=recipe.data.test_split)
-            check_task(test, recipe.task, recipe.data.test)
-            model.cpu()
-            test_feats = extract_features(model, test, videos_dir(recipe.data.videos, recipe.data.test, test), cache,
-                                          recipe.data.backend)
-            summary["test"] = evaluate_features(model, test, test_feats, tokenizer, vocab, recipe.task,
-                                                recipe.batch_size_eval, recipe.data.max_text_len)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-        return summary
-    finally:
-        ctx.close()
+    return run_job(recipe.train, lambda ctx: _job(recipe, resume), resume)
 
 
+def _job(recipe: VLAPRecipe, resume: bool):
+    from evl.data.annotations import read_annotations
+    from evl.data.answers import AnswerVocab
+    from evl.data.text import tokenizer_for
+    from evl.train.run import Job
+
+    # before anything is written (the feature cache goes under out_dir by default) or extracted
+    check_out_dir(recipe.train.out_dir, resume, recipe.train.overwrite)
+    if recipe.feature_cache:   # a file there would fail only after every clip was decoded
+        try:
+            Path(recipe.feature_cache).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"feature_cache={recipe.feature_cache} cannot be made a folder ({e.strerror or e}); "
+                              "name a folder for the extracted features, or leave it out (out_dir/features)") from None
+    records = read_annotations(recipe.data.train, recipe.data.format, split=recipe.data.split)
+    check_task(records, recipe.task, recipe.data.train)
+    videos = videos_dir(recipe.data.videos, recipe.data.train, records)
+    vocab = None
+    if recipe.task == "qa":
+        vocab = (FrameQAModel.read_vocab(recipe.init) if recipe.init else None) or \
+            AnswerVocab.build(r.answer for r in records)
+    teacher = FrameQAModel.from_pretrained(_checkpoint(recipe.teacher, "teacher")) if recipe.teacher else None
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe, len(vocab) if vocab is not None else 0)
+    if teacher is not None:
+        _check_teacher(recipe, model, teacher, vocab)
+    tokenizer = tokenizer_for(model.cfg, recipe.init or recipe.backbone)
+    cache = Path(recipe.feature_cache) if recipe.feature_cache else Path(recipe.train.out_dir) / "features"
+    text = "none" if recipe.task == "mc" else "question"
+    feats = extract_features(model, records, videos, cache, recipe.data.backend)
+
+    def save(folder: Path, result, summary: dict) -> None:
+        model.save_pretrained(folder, vocab, {"recipe": to_dict(recipe), "task": recipe.task})
+        (folder / "tokenizer.json").write_bytes((Path(tokenizer.source) / "tokenizer.json").read_bytes())
+
+    def test() -> dict:
+        records = read_annotations(recipe.data.test, recipe.data.format, split=recipe.data.test_split)
+        check_task(records, recipe.task, recipe.data.test)
+        model.cpu()
+        test_feats = extract_features(model, records, videos_dir(recipe.data.videos, recipe.data.test, records),
+                                      cache, recipe.data.backend)
+        return evaluate_features(model, records, test_feats, tokenizer, vocab, recipe.task,
+                                 recipe.batch_size_eval, recipe.data.max_text_len)
+
+    return Job(objective=VLAPObjective(model, recipe.task, teacher, recipe.distill),
+               dataset=FeatureDataset(records, feats, text, train=True),
+               collate=FeatureCollator(tokenizer, recipe.data.max_text_len, answer_vocab=vocab),
+               model_config={"kind": "frame_qa_training", "recipe": to_dict(recipe)}, save=save,
+               summary={"undecodable_clips": feats.bad}, evaluate=test if recipe.data.test else None)
+
+
+def _check_teacher(recipe: VLAPRecipe, model: FrameQAModel, teacher: FrameQAModel, vocab) -> None:
+    """The teacher must read the same towers (settings and weights), answer over the same vocabulary
+    and read all N frames: otherwise its outputs on this model's features mean nothing."""
+    _check_same_towers(model, teacher, f"teacher={recipe.teacher}")
+    if towers_fingerprint(teacher) != towers_fingerprint(model):
+        raise ConfigError(f"teacher={recipe.teacher} has other tower weights than the model being trained "
+                          f"({recipe.init or recipe.backbone}): its outputs on this model's features mean nothing. "
+                          "Use a teacher trained on the same backbone (init=<teacher> does that)")
+    t_vocab = FrameQAModel.read_vocab(recipe.teacher)
+    if vocab is not None and (t_vocab is None or t_vocab.answers != vocab.answers):
+        raise ConfigError(f"teacher={recipe.teacher} answers over another vocabulary than this run's; "
+                          "start from the teacher (init=<teacher>) so both use its answers.json")
+    if teacher.cfg.select != "all":
+        raise ConfigError(f"teacher={recipe.teacher} reads {teacher.cfg.num_frames} selected frames "
+                          f"(select={teacher.cfg.select}); the teacher must read all N (select=all)")
