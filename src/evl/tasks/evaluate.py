@@ -185,6 +185,46 @@ def _rerank(model: VideoLanguageModel, video: VideoFeatures, text: TextFeatures,
     return out
 
 
+class AnswerTally:
+    """The predictions of a QA or multiple-choice evaluation, gathered batch by batch, and their metrics:
+    the one tally behind `evaluate_qa`, `evaluate_mc` and VLAP's evaluation from cached features.
+    QA: the arg-max answer of each question against its gold answer, overall and per question type
+    (`missing_type` for a question without one); MC: the arg-max option against the right one."""
+
+    def __init__(self, task: str, vocab: AnswerVocab | None = None, missing_type: str = "all"):
+        if task not in ("qa", "mc"):
+            raise ValueError(f"task must be 'qa' or 'mc', got {task!r}")
+        self.task, self.vocab, self.missing_type = task, vocab, missing_type
+        self.preds: list[str] = []
+        self.gold: list[str] = []
+        self.types: list[str] = []
+        self.right: list[bool] = []
+        self.options = 0
+
+    def add(self, scores: torch.Tensor, batch: dict) -> None:
+        """(B, answers) logits (QA) or (B, K) option scores (MC) of one batch."""
+        if self.task == "mc":
+            self.options = scores.shape[1]
+            self.right.extend((scores.argmax(dim=1) == batch["answer_index"]).tolist())
+            return
+        self.preds.extend(self.vocab.decode(i) for i in scores.argmax(dim=-1).tolist())
+        self.gold.extend(batch["answers"])
+        self.types.extend(t or self.missing_type for t in batch["qtypes"])
+
+    def __len__(self) -> int:
+        return len(self.right) if self.task == "mc" else len(self.preds)
+
+    def metrics(self, train_records: list[Record] | None = None) -> dict:
+        if self.task == "mc":
+            return {"accuracy": 100.0 * sum(self.right) / len(self.right), "count": len(self.right),
+                    "chance": 100.0 / self.options}
+        out = qa_accuracy(self.preds, self.gold, self.types)
+        if train_records:
+            out["baseline"] = majority_baseline([r.answer for r in train_records], self.gold, self.types,
+                                                train_types=[r.qtype or self.missing_type for r in train_records])
+        return out
+
+
 @torch.no_grad()
 def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None, tokenizer,
                 vocab: AnswerVocab, settings: EvalSettings | None = None, train_records: list[Record] | None = None,
@@ -193,7 +233,7 @@ def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: st
     s = _resolve(settings or EvalSettings())
     model.eval().to(s.device)
     ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="question")
-    preds, gold, types, skipped = [], [], [], 0
+    tally, skipped = AnswerTally("qa", vocab), 0
     for batch, n_bad in _loader(ds, Collator(tokenizer, s.max_text_len), s):
         skipped += n_bad
         if batch is None:
@@ -201,17 +241,11 @@ def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: st
         batch = _to(batch, s.device)
         video = model.video_features(batch["frames"], batch.get("frame_mask"))
         question = model.text_features(batch["input_ids"], batch["attention_mask"])
-        ids = model.answer(video, question).argmax(-1).tolist()
-        preds.extend(vocab.decode(i) for i in ids)
-        gold.extend(batch["answers"])
-        types.extend(t or "all" for t in batch["qtypes"])
-    if not preds:
+        tally.add(model.answer(video, question), batch)
+    if not len(tally):
         raise ValueError("no video of the QA set could be decoded; run `evl data check` on the annotation")
-    out = qa_accuracy(preds, gold, types)
+    out = tally.metrics(train_records)
     out["undecodable"] = skipped
-    if train_records:
-        out["baseline"] = majority_baseline([r.answer for r in train_records], gold, types,
-                                            train_types=[r.qtype or "all" for r in train_records])
     return out
 
 
@@ -222,17 +256,14 @@ def evaluate_mc(model: VideoLanguageModel, records: list[Record], videos_dir: st
     s = _resolve(settings or EvalSettings())
     model.eval().to(s.device)
     ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="none")
-    correct, total, skipped, k = 0, 0, 0, 0
+    tally, skipped = AnswerTally("mc"), 0
     for batch, n_bad in _loader(ds, Collator(tokenizer, s.max_text_len), s):
         skipped += n_bad
         if batch is None:
             continue
         batch = _to(batch, s.device)
         video = model.video_features(batch["frames"], batch.get("frame_mask"))
-        scores = model.option_scores(video, batch["option_ids"], batch["option_mask"])
-        k = scores.shape[1]
-        correct += int((scores.argmax(1) == batch["answer_index"]).sum())
-        total += scores.shape[0]
-    if total == 0:
+        tally.add(model.option_scores(video, batch["option_ids"], batch["option_mask"]), batch)
+    if not len(tally):
         raise ValueError("no video of the multiple-choice set could be decoded")
-    return {"accuracy": 100.0 * correct / total, "count": total, "chance": 100.0 / k, "undecodable": skipped}
+    return {**tally.metrics(), "undecodable": skipped}

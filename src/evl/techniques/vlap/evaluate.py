@@ -67,7 +67,7 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
     means the question never changes the selection) and, with `keep_picks`, every record's picks
     (`picks`: candidate indices in temporal order) and whether it was answered right (`correct`, 0/1),
     in the order of the dataset's records."""
-    from evl.tasks.qa import qa_accuracy
+    from evl.tasks.evaluate import AnswerTally
 
     if task == "qa" and vocab is None:
         raise ConfigError("open-ended QA evaluation needs the checkpoint's answers.json (the model was not trained "
@@ -75,29 +75,25 @@ def evaluate_features(model: FrameQAModel, records: list, feats: FrameFeatures, 
     model.eval()
     dataset = FeatureDataset(records, feats, "none" if task == "mc" else "question", train=False)
     collate = FeatureCollator(tokenizer, max_text_len)
-    preds, gold, types, right, picks = [], [], [], [], []
+    tally, picks = AnswerTally(task, vocab, missing_type="unknown"), []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         scores, out = answer(model, batch, task)
-        if task == "mc":
-            right.extend((scores.argmax(dim=1) == batch["answer_index"]).tolist())
-        else:
-            preds.extend(vocab.decode(i) for i in scores.argmax(dim=1).tolist())
-            gold.extend(batch["answers"])
-            types.extend(batch["qtypes"])
+        tally.add(scores, batch)
+        if task == "qa":
             picks.extend([i for i, ok in zip(row, ok_row, strict=True) if ok] for row, ok_row
                          in zip(out.selection.index.tolist(), out.selection.mask.tolist(), strict=True))
     result: dict[str, Any] = {"count": len(dataset), "skipped_undecodable": len(records) - len(dataset)}
+    acc = tally.metrics()
     if task == "mc":
-        result["mc_accuracy"] = 100.0 * sum(right) / len(right)
+        result["mc_accuracy"] = acc["accuracy"]
     else:
-        acc = qa_accuracy(preds, gold, [t or "unknown" for t in types])
         result.update(qa_accuracy=acc["accuracy"], per_type=acc["per_type"], count_per_type=acc["count_per_type"])
         result["distinct_frame_sets_per_clip"] = distinct_sets_per_clip(
             [clip_key(r) for r in dataset.records], picks)
         if keep_picks:
             result["picks"] = picks
-            result["correct"] = [int(a == b) for a, b in zip(preds, gold, strict=True)]
+            result["correct"] = [int(a == b) for a, b in zip(tally.preds, tally.gold, strict=True)]
     result["frames_read"] = model.cfg.num_frames
     return result
 
