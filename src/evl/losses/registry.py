@@ -11,9 +11,12 @@ on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import inspect
 import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,7 +106,8 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
             raise ConfigError(f"{where}.{name} needs a fusion model; this model has fusion.kind="
                               f"{ctx.model_cfg.fusion.kind!r}. Drop the term or pick a model with fusion "
                               f"(fusion.kind: {' | '.join(k for k, v in FUSIONS.items() if v is not None)}).")
-        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
+        typed = term_options(cls)
+        accepted = [f.name for f in dataclasses.fields(typed)]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"{where}.{name}: unknown option(s) {', '.join(unknown)}; "
@@ -113,6 +117,23 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}.{name}: {e}") from e
     return terms, {name: w for name, (w, _) in parsed.items() if terms[name].adds_loss}
+
+
+@functools.cache
+def term_options(cls: type[LossTerm]) -> type:
+    """A term's options as a typed dataclass (name, annotated type, default), made from its constructor's
+    keyword arguments so they are declared once, where the term uses them. `build_terms` checks option
+    names against it; the values go to the constructor as written, which checks them with messages naming
+    option, value and range (the config coercer is not applied: it would accept e.g. "yes" for a boolean
+    that terms refuse today)."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in ("self", "ctx"):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        fields.append((p.name, hints.get(p.name, Any), dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", fields)
 
 
 def _has_fusion(model_cfg: Any) -> bool:
