@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.evl-installed
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# the fast tier while editing (under a minute on 2 cores): everything but the end-to-end runs marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -125,3 +125,53 @@ def trained(tmp_path_factory, synthvl, tiny_model_dict_factory):
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
     return tmp / "run" / "final", caps
+
+
+# ------------------------------------------------------------------------------------- the fast tier
+# `make test-fast` (pytest -m "not slow") leaves these out: end-to-end runs (training, torchrun, kills and
+# resumes, a browser, ONNX export) and the tests that took 0.7 s or more in `pytest --durations=0` here.
+# `make test` — what CI runs — still runs every test.
+SLOW_MODULES = {"test_quickstart.py", "test_resume_cli.py", "test_search_reliability.py", "test_torchrun.py", "test_torchrun_model.py"}
+SLOW_TESTS = {
+    "test_a_query_naming_what_a_video_shows_ranks_it_first",
+    "test_a_re_export_leaves_nothing_stale_and_indexes_do_not_mix_frame_counts",
+    "test_a_step_checkpoint_has_its_tokenizer_before_latest_points_at_it",
+    "test_bad_recipe_values_are_refused_while_loading",
+    "test_cli_index_segments_search_and_rerank",
+    "test_cli_pretrain_and_finetune",
+    "test_csv_readers_return_records_or_their_own_error",
+    "test_dual_embeddings_are_the_evaluation_paths",
+    "test_final_is_written_whole_or_not_at_all",
+    "test_finetune_from_checkpoint_uses_its_architecture",
+    "test_fresh_run_into_a_used_out_dir_refuses_and_keeps_the_old_run",
+    "test_hard_negatives_exclude_positives_and_follow_softmax",
+    "test_ids_equal_hf_tokenizer",
+    "test_index_and_search_run_on_the_exported_encoders",
+    "test_json_readers_return_records_or_their_own_error",
+    "test_killed_and_resumed_run_logs_exactly_the_same_losses",
+    "test_lit_recipe_trains_only_above_the_lock",
+    "test_minilm_matches_sentence_transformers",
+    "test_missing_dependency_fails_in_ci_naming_it",
+    "test_missing_dependency_skips_outside_ci_saying_how_to_get_it",
+    "test_odd_recipe_files_are_one_line_errors",
+    "test_onnx_export_matches_pytorch_and_int8_stays_close",
+    "test_page_in_a_real_browser_search_open_ask",
+    "test_pretrain_refuses_to_replace_a_final_whose_checkpoints_were_deleted",
+    "test_pretrain_with_the_egovlpv2_recipe_then_eval_rerank_and_mc",
+    "test_rank_helpers",
+    "test_reindex_after_add_change_delete_updates_index_and_metadata_exactly",
+    "test_resume_past_max_steps_refuses_and_keeps_final",
+    "test_run_recipe_pretrain_end_to_end",
+    "test_run_recipe_qa_end_to_end",
+    "test_search_scores_equal_the_core_retrieval_scores",
+    "test_search_thumbnails_and_videos",
+    "test_teacher_then_prompter_student_with_distillation_then_eval_and_ask",
+    "test_user_errors_are_clear",
+    "test_vq_train_then_pretrain_with_mvm_then_eval_without_the_tokenizer",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES or getattr(item, "originalname", item.name) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
