@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
+from evl.cli_common import RESUME, train_and_print
 from evl.cli_common import fail as _fail
-from evl.cli_common import print_summary
 from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.errors import EvlError
 from evl.techniques.evilm import cli as evilm_cli
@@ -139,19 +139,15 @@ def bench_model(
 def _train(config: str, overrides: list[str], init: str | None, resume: bool, no_eval: bool) -> None:
     from evl.recipes import load_recipe, run_recipe
 
-    try:
-        cfg = load_recipe(config, overrides)
-        summary = run_recipe(cfg, init=init, resume=resume, evaluate=not no_eval)
-    except (EvlError, ValueError) as e:
-        _fail(e)
-    print_summary(summary)   # under torchrun, rank 0 speaks for the run
+    # under torchrun, rank 0 speaks for the run
+    train_and_print(load_recipe, run_recipe, config, overrides, resume, init=init, evaluate=not no_eval)
 
 
 @app.command(context_settings={"allow_extra_args": False})
 def pretrain(
     config: str = typer.Argument(..., help="Recipe: packaged name (pretrain-tiny) or YAML file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100 data.train=x.json"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    resume: bool = RESUME,
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation on data.test after training."),
 ) -> None:
     """Pre-train with any mix of VTC/EgoNCE/VTM/MLM (weights in the recipe). Works under torchrun."""
@@ -163,7 +159,7 @@ def finetune(
     config: str = typer.Argument(..., help="Recipe: retrieval-tiny, qa-tiny, mc-tiny or a YAML file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
     init: Path = typer.Option(..., "--init", help="Checkpoint folder to start from (e.g. runs/pretrain-tiny/final)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    resume: bool = RESUME,
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation on data.test after training."),
 ) -> None:
     """Fine-tune a checkpoint for retrieval, open-ended QA or multiple choice (the recipe's task)."""

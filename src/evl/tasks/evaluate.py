@@ -225,45 +225,46 @@ class AnswerTally:
         return out
 
 
+def _answer_scores(model: VideoLanguageModel, batch: dict, task: str) -> torch.Tensor:
+    """QA: answer logits of (clip, question); MC: each option's dual + fusion score."""
+    video = model.video_features(batch["frames"], batch.get("frame_mask"))
+    if task == "mc":
+        return model.option_scores(video, batch["option_ids"], batch["option_mask"])
+    return model.answer(video, model.text_features(batch["input_ids"], batch["attention_mask"]))
+
+
+def _tally(model: VideoLanguageModel, records: list[Record], videos_dir, tokenizer, settings: EvalSettings | None,
+           num_frames: int | None, task: str, vocab: AnswerVocab | None = None) -> tuple[AnswerTally, int]:
+    """Every decodable question of `records` answered → (the tally, undecodable clips skipped)."""
+    s = _resolve(settings or EvalSettings())
+    model.eval().to(s.device)
+    ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames),
+                          text="question" if task == "qa" else "none")
+    tally, skipped = AnswerTally(task, vocab), 0
+    for batch, n_bad in _loader(ds, Collator(tokenizer, s.max_text_len), s):
+        skipped += n_bad
+        if batch is not None:
+            batch = _to(batch, s.device)
+            tally.add(_answer_scores(model, batch, task), batch)
+    if not len(tally):
+        what = "QA set could be decoded; run `evl data check` on the annotation" if task == "qa" else \
+            "multiple-choice set could be decoded"
+        raise ValueError(f"no video of the {what}")
+    return tally, skipped
+
+
 @torch.no_grad()
 def evaluate_qa(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None, tokenizer,
                 vocab: AnswerVocab, settings: EvalSettings | None = None, train_records: list[Record] | None = None,
                 num_frames: int | None = None) -> dict:
     """Open-ended QA accuracy overall and per question type (+ majority baselines from training answers)."""
-    s = _resolve(settings or EvalSettings())
-    model.eval().to(s.device)
-    ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="question")
-    tally, skipped = AnswerTally("qa", vocab), 0
-    for batch, n_bad in _loader(ds, Collator(tokenizer, s.max_text_len), s):
-        skipped += n_bad
-        if batch is None:
-            continue
-        batch = _to(batch, s.device)
-        video = model.video_features(batch["frames"], batch.get("frame_mask"))
-        question = model.text_features(batch["input_ids"], batch["attention_mask"])
-        tally.add(model.answer(video, question), batch)
-    if not len(tally):
-        raise ValueError("no video of the QA set could be decoded; run `evl data check` on the annotation")
-    out = tally.metrics(train_records)
-    out["undecodable"] = skipped
-    return out
+    tally, skipped = _tally(model, records, videos_dir, tokenizer, settings, num_frames, "qa", vocab)
+    return {**tally.metrics(train_records), "undecodable": skipped}
 
 
 @torch.no_grad()
 def evaluate_mc(model: VideoLanguageModel, records: list[Record], videos_dir: str | Path | None, tokenizer,
                 settings: EvalSettings | None = None, num_frames: int | None = None) -> dict:
     """Multiple-choice accuracy: pick the option with the best dual+fusion score."""
-    s = _resolve(settings or EvalSettings())
-    model.eval().to(s.device)
-    ds = VideoTextDataset(records, videos_dir, clip_settings_for(model, num_frames), text="none")
-    tally, skipped = AnswerTally("mc"), 0
-    for batch, n_bad in _loader(ds, Collator(tokenizer, s.max_text_len), s):
-        skipped += n_bad
-        if batch is None:
-            continue
-        batch = _to(batch, s.device)
-        video = model.video_features(batch["frames"], batch.get("frame_mask"))
-        tally.add(model.option_scores(video, batch["option_ids"], batch["option_mask"]), batch)
-    if not len(tally):
-        raise ValueError("no video of the multiple-choice set could be decoded")
+    tally, skipped = _tally(model, records, videos_dir, tokenizer, settings, num_frames, "mc")
     return {**tally.metrics(), "undecodable": skipped}

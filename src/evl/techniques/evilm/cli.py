@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from evl.cli_common import fail, print_summary
-from evl.errors import EvlError
+from evl.cli_common import RESUME, train_and_print
 
 app = typer.Typer(help="The VQ video tokenizer whose codes are E-ViLM's masked-video-modelling targets.",
                   no_args_is_help=True)
@@ -15,13 +14,9 @@ app = typer.Typer(help="The VQ video tokenizer whose codes are E-ViLM's masked-v
 def vq_train(
     config: str = typer.Argument(..., help="Tokenizer recipe: packaged name (vq-tiny) or YAML file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. teacher=runs/pretrain-tiny/final"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    resume: bool = RESUME,
 ) -> None:
     """Train a VQ tokenizer (semantic: a teacher's features; pixel: VQ-VAE); final/ is what MVM loads."""
     from evl.techniques.evilm.vq_train import load_vq_recipe, train_tokenizer
 
-    try:
-        summary = train_tokenizer(load_vq_recipe(config, overrides or []), resume=resume)
-    except (EvlError, ValueError) as e:
-        fail(e)
-    print_summary(summary)
+    train_and_print(load_vq_recipe, train_tokenizer, config, overrides, resume)

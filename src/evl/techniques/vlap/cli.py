@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from evl.cli_common import fail, print_summary
+from evl.cli_common import RESUME, fail, train_and_print
 from evl.errors import EvlError
 
 app = typer.Typer(help="VLAP: frame-level video QA reading k of N frames (Frame-Prompter + QFormer-Distiller).",
@@ -18,7 +18,7 @@ app = typer.Typer(help="VLAP: frame-level video QA reading k of N frames (Frame-
 def vlap_train(
     config: str = typer.Argument(..., help="VLAP recipe: packaged name (vlap-teacher-tiny, vlap-tiny, vlap-teacher-tiny-long, vlap-tiny-long) or YAML file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. model.select=uniform distill=0"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.out_dir."),
+    resume: bool = RESUME,
 ) -> None:
     """Train a frame-QA model (the all-frames teacher, or Frame-Prompter + student); final/ is what `evl ask` loads.
 
@@ -26,11 +26,7 @@ def vlap_train(
     batch_size_eval >= 1; an out-of-range value is refused when the recipe loads."""
     from evl.techniques.vlap.train import load_vlap_recipe, train_vlap
 
-    try:
-        summary = train_vlap(load_vlap_recipe(config, overrides or []), resume=resume)
-    except (EvlError, ValueError) as e:
-        fail(e)
-    print_summary(summary)
+    train_and_print(load_vlap_recipe, train_vlap, config, overrides, resume)
 
 
 @app.command("eval")
