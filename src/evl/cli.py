@@ -367,45 +367,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics."),
 ) -> None:
     """Evaluate a checkpoint: retrieval R@1/5/10 + ranks, QA accuracy per type, or MC accuracy."""
-    from evl.api import load
-    from evl.models.saved import describe_kind
-    from evl.recipes import evaluate_checkpoint_model
-    from evl.tasks.evaluate import EvalSettings
-    from evl.tasks.registry import get_task
-    from evl.train.dist import pick_device
+    from evl.api import evaluate_folder
 
     try:
-        spec = get_task(task)
-        if frames is not None and not 1 <= frames <= MAX_FRAMES:
-            raise EvlError(f"--frames {frames}: must be a positive number of frames, at most {MAX_FRAMES} per clip "
-                           "(or leave it out for the model's)")
-        if not 0 <= rerank_k <= 100_000:
-            raise EvlError(f"--rerank-k {rerank_k}: must be between 0 and 100000 (0 switches fusion re-ranking off)")
-        if not 1 <= batch_size <= 100_000:
-            raise EvlError(f"--batch-size {batch_size}: must be between 1 and 100000")
-        if not (checkpoint / "config.json").is_file():
-            raise EvlError(f"{checkpoint}: not an evl checkpoint folder (no config.json)")
-        if not data.is_file():
-            raise EvlError(f"--data {data}: no such annotation file")
-        pick_device(device, key="--device")
-        model = load(checkpoint)
-        if model.kind == "onnx":
-            raise EvlError(f"{checkpoint} is an ONNX export of the dual encoder: evaluate the checkpoint it was "
-                           "exported from (export.json names it), or run the export with evl.load / evl index")
-        if model.kind == "frame_qa":
-            raise EvlError(f"{checkpoint} holds {describe_kind('frame_qa')}, not a video-language model: "
-                           f"evaluate it with `evl vlap eval {checkpoint} --data ANNOTATION`")
-        tubelet = model.model.cfg.video.tubelet_size
-        if frames is not None and frames % tubelet:
-            raise EvlError(f"--frames {frames}: must be a multiple of the model's tubelet size ({tubelet} frames per "
-                           f"token), e.g. --frames {max(tubelet, frames - frames % tubelet)}")
-        if spec.uses_answer_vocab and model.vocab is None:
-            raise EvlError(f"{checkpoint} has no answers.json (nor its run folder): it was not fine-tuned "
-                           "for QA (task=qa)")
-        settings = EvalSettings(batch_size=batch_size, rerank_k=rerank_k, device=device)
-        metrics = evaluate_checkpoint_model(model.model, task, data, videos, model.tokenizer, settings,
-                                            vocab=model.vocab if spec.uses_answer_vocab else None, fmt=fmt,
-                                            num_frames=frames, split=split)
+        metrics = evaluate_folder(checkpoint, task, data, videos, fmt=fmt, split=split, frames=frames,
+                                  batch_size=batch_size, rerank_k=rerank_k, device=device)
     except (EvlError, ValueError) as e:
         _fail(e)
     if as_json:

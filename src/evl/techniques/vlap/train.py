@@ -160,7 +160,7 @@ def _check_same_towers(a: FrameQAModel, b: FrameQAModel, where: str) -> None:
                           "its features would mean something else; set model.frame_input to match")
 
 
-def build_model(recipe: VLAPRecipe, num_answers: int) -> FrameQAModel:
+def build_frame_qa_model(recipe: VLAPRecipe, num_answers: int) -> FrameQAModel:
     """From `init` (a frame-QA checkpoint: everything it has is copied) or `backbone` (an evl checkpoint)."""
     cfg = recipe.model
     cfg.num_answers = num_answers
@@ -220,7 +220,7 @@ def _job(recipe: VLAPRecipe, resume: bool):
             AnswerVocab.build(r.answer for r in records)
     teacher = FrameQAModel.from_pretrained(_checkpoint(recipe.teacher, "teacher")) if recipe.teacher else None
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe, len(vocab) if vocab is not None else 0)
+    model = build_frame_qa_model(recipe, len(vocab) if vocab is not None else 0)
     if teacher is not None:
         _check_teacher(recipe, model, teacher, vocab)
     tokenizer = tokenizer_for(model.cfg, recipe.init or recipe.backbone)
