@@ -12,6 +12,7 @@ import typer
 
 from evl.cli_common import RESUME, train_and_print
 from evl.cli_common import fail as _fail
+from evl.config import MAX_BENCH_BATCH
 from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.errors import EvlError
 from evl.techniques.evilm import cli as evilm_cli
@@ -25,9 +26,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(evilm_cli.app, name="vq")      # each technique's own sub-commands live in its folder
 app.add_typer(vlap_cli.app, name="vlap")
 app.add_typer(bench_app, name="bench")
-
-
-MAX_BENCH_BATCH = 256   # `evl bench model --batch-sizes`: clips of one timed forward pass
 
 
 @app.command()
@@ -107,30 +105,11 @@ def bench_model(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Parameters (total/per part), GFLOPs per clip (dual and fusion path), latency and throughput."""
-    from evl.config import load_yaml
-    from evl.efficiency import efficiency_report, format_report
-    from evl.models.model import build_model
-    from evl.train.dist import pick_device
+    from evl.efficiency import bench_config, format_report
 
     try:
-        try:
-            sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
-        except ValueError:
-            sizes = ()
-        if not sizes or min(sizes) < 1 or max(sizes) > MAX_BENCH_BATCH:
-            raise ValueError(f"--batch-sizes must list integers from 1 to {MAX_BENCH_BATCH}, separated by commas "
-                             f"(e.g. 1,4), got {batch_sizes!r}")
-        if frames is not None and not 1 <= frames <= MAX_FRAMES:
-            raise ValueError(f"--frames {frames}: must be between 1 and {MAX_FRAMES} frames per clip (or leave it out "
-                             "for the config's num_frames)")
-        if not 1 <= repeats <= 1000:
-            raise ValueError(f"--repeats {repeats}: must be between 1 and 1000 timed runs")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
-        device = str(pick_device(device, key="--device"))
-        model = build_model(load_yaml(config, "models"))
-        report = efficiency_report(model, config, frames=frames, batch_sizes=sizes, repeats=repeats,
-                                   device=device, precision=precision)
+        report = bench_config(config, frames=frames, batch_sizes=batch_sizes, repeats=repeats, precision=precision,
+                              device=device)
     except (EvlError, ValueError) as e:
         _fail(e)
     typer.echo(json.dumps(report.to_dict()) if as_json else format_report(report))

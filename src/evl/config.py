@@ -31,6 +31,7 @@ MAX_COUNT = 1_000_000
 MAX_POSITIONS = 8_192
 MAX_VIDEO_TOKENS = 65_536
 MAX_WORKERS = 64
+MAX_BENCH_BATCH = 256       # `evl bench model --batch-sizes`: clips of one timed forward pass
 
 
 def check_range(key: str, value: float, low: float, high: float | None = None, what: str = "") -> None:

@@ -144,3 +144,32 @@ def format_report(r: EfficiencyReport) -> str:
     for b in r.latency_ms:
         lines.append(f"  batch {b:>4}  latency {r.latency_ms[b]:9.1f} ms   throughput {r.throughput[b]:8.2f} clips/s")
     return "\n".join(lines)
+
+
+def bench_config(config: str, frames: int | None = None, batch_sizes: str = "1,4", repeats: int = 10,
+                 precision: str = "fp32", device: str = "auto"):
+    """`evl bench model`: the efficiency report of a model config (packaged name or YAML), every option
+    checked first (an error names the option, its value and the range)."""
+    from evl.config import MAX_BENCH_BATCH, load_yaml
+    from evl.data import MAX_FRAMES
+    from evl.models.model import build_model
+    from evl.train.dist import pick_device
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BENCH_BATCH:
+        raise ValueError(f"--batch-sizes must list integers from 1 to {MAX_BENCH_BATCH}, separated by commas "
+                         f"(e.g. 1,4), got {batch_sizes!r}")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"--frames {frames}: must be between 1 and {MAX_FRAMES} frames per clip (or leave it out "
+                         "for the config's num_frames)")
+    if not 1 <= repeats <= 1000:
+        raise ValueError(f"--repeats {repeats}: must be between 1 and 1000 timed runs")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+    device = str(pick_device(device, key="--device"))
+    model = build_model(load_yaml(config, "models"))
+    return efficiency_report(model, config, frames=frames, batch_sizes=sizes, repeats=repeats, device=device,
+                             precision=precision)
