@@ -133,6 +133,7 @@ def trained(tmp_path_factory, synthvl, tiny_model_dict_factory):
 # `make test` — what CI runs — still runs every test.
 SLOW_MODULES = {"test_quickstart.py", "test_resume_cli.py", "test_search_reliability.py", "test_torchrun.py", "test_torchrun_model.py"}
 SLOW_TESTS = {
+    "test_two_ranks_killed_mid_epoch_and_resumed_train_exactly_as_uninterrupted",
     "test_a_query_naming_what_a_video_shows_ranks_it_first",
     "test_a_re_export_leaves_nothing_stale_and_indexes_do_not_mix_frame_counts",
     "test_a_step_checkpoint_has_its_tokenizer_before_latest_points_at_it",

@@ -85,6 +85,36 @@ def data_check(
         raise typer.Exit(code=1)
 
 
+@app.command("shard")
+def shard(
+    annotation: Path = typer.Argument(..., help="Annotation file (any format `evl data formats` lists)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the shards (000000.tar, ...) and index.json; must hold no shards yet."),
+    videos: Path | None = typer.Option(None, "--videos", help="Folder the video paths are relative to (default: guessed)."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
+    frames: int | None = typer.Option(None, "--frames", help=f"Store T pre-decoded uint8 frames per sample (1 to {MAX_FRAMES}; with --size) instead of the video bytes."),
+    size: int | None = typer.Option(None, "--size", help="Pre-decoded frames: short side resized to S and centre-cropped (with --frames)."),
+    fmt: str | None = typer.Option(None, "--format", help="Annotation format (default: detected)."),
+    split: str | None = typer.Option(None, "--split", help="For files that carry splits: the one to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as one JSON object."),
+) -> None:
+    """Write an annotation file and its videos as WebDataset tar shards (+ index.json) for streamed training:
+    `data.train=OUT/{000000..N}.tar`. Undecodable videos are left out and listed."""
+    from evl.data.shard_write import write_shards
+
+    try:
+        index = write_shards(annotation, videos, out, samples_per_shard, frames, size, fmt, split)
+    except (EvlError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(index))
+        return
+    last = len(index["shards"]) - 1
+    typer.echo(f"{out}: {index['total']} samples in {len(index['shards'])} shards ({index['mode']}); "
+               f"train with data.train={out}/{{000000..{last:06d}}}.tar")
+    for video, why in sorted(index["skipped"].items()):
+        typer.echo(f"  left out {video}: {why}")
+
+
 @data_app.command("formats")
 def data_formats() -> None:
     """List the annotation formats evl reads."""

@@ -18,6 +18,7 @@ from evl.data.annotations import read_annotations
 from evl.data.answers import ANSWERS_FILE
 from evl.data.check import preflight_videos
 from evl.data.datasets import ClipSettings, Collator, DataConfig, VideoTextDataset
+from evl.data.shard_stream import ShardStream, is_shard_source
 from evl.errors import ConfigError
 from evl.losses.registry import parse_objectives
 from evl.models.model import ModelConfig, VideoLanguageModel
@@ -80,10 +81,30 @@ def run_recipe(cfg: RecipeConfig, init: str | Path | None = None, resume: bool =
     """
     from evl.train.run import run_job
 
-    return run_job(cfg.train, lambda ctx: _job(cfg, init, resume, evaluate, ctx.is_main), resume)
+    return run_job(cfg.train, lambda ctx: _job(cfg, init, resume, evaluate, ctx), resume)
 
 
-def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, is_main: bool):
+def _training_data(cfg: RecipeConfig, clip: ClipSettings, task, ctx):
+    """The training set: an annotation file and its videos (map-style, records in memory), or tar shards
+    streamed by rank and loader worker (`evl.data.shard_stream`), checked before the first step."""
+    if is_shard_source(cfg.data.train):
+        micro = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
+        stream = ShardStream(cfg.data.train, clip, task.text, world_size=ctx.world_size, rank=ctx.rank,
+                             workers=cfg.train.num_workers, micro_batch=max(1, micro),
+                             grad_accum=cfg.train.grad_accum, shuffle_buffer=cfg.data.shuffle_buffer)
+        task.check_records(stream.head_records(), cfg.data.train)   # the first samples' records
+        return stream
+    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, task.text, cfg.data.format,
+                                          replace_bad=8, split=cfg.data.split)
+    task.check_records(train_ds.records, cfg.data.train)
+    missing = preflight_videos(train_ds.records, train_ds.videos_dir, f"data.train={cfg.data.train}")
+    if missing > SKIP_WARN_RATE and ctx.is_main:
+        log.warning("WARNING: %.0f%% of the training videos checked are missing under %s; the run trains on the "
+                    "rest. Run `evl data check %s` to list them.", 100 * missing, train_ds.videos_dir, cfg.data.train)
+    return train_ds
+
+
+def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: bool, ctx):
     import torch
 
     from evl.data.answers import AnswerVocab
@@ -100,7 +121,7 @@ def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     if init is not None:
         model = VideoLanguageModel.from_pretrained(init)
         ignored = _model_differences(cfg.model, model.cfg)
-        if ignored and is_main:
+        if ignored and ctx.is_main:
             log.warning("--init %s: the architecture comes from the checkpoint; the recipe's model settings %s "
                         "differ and are ignored", init, ", ".join(ignored[:8]))
         cfg.model = model.cfg
@@ -119,19 +140,13 @@ def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
                           f"video.tubelet_size={model.cfg.video.tubelet_size}")
     clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
-    train_ds = VideoTextDataset.from_file(cfg.data.train, cfg.data.videos, clip, task.text, cfg.data.format,
-                                          replace_bad=8, split=cfg.data.split)
-    task.check_records(train_ds.records, cfg.data.train)
-    missing = preflight_videos(train_ds.records, train_ds.videos_dir, f"data.train={cfg.data.train}")
-    if missing > SKIP_WARN_RATE and is_main:
-        log.warning("WARNING: %.0f%% of the training videos checked are missing under %s; the run trains on the "
-                    "rest. Run `evl data check %s` to list them.", 100 * missing, train_ds.videos_dir, cfg.data.train)
+    train_ds = _training_data(cfg, clip, task, ctx)
     vocab = None
     if task.uses_answer_vocab:
         vocab = AnswerVocab.build(r.answer for r in train_ds.records if r.answer is not None)
         model.set_num_answers(len(vocab))
         check_out_dir(out_dir, resume, cfg.train.overwrite)   # before writing: an old run's vocab stays
-        if is_main:   # beside the run, so intermediate checkpoints can be evaluated too
+        if ctx.is_main:   # beside the run, so intermediate checkpoints can be evaluated too
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ANSWERS_FILE).write_text(vocab.to_json())
     objective = TrainObjective.from_spec(model, objectives_of(cfg), tokenizer)

@@ -34,7 +34,7 @@ TextMode = Literal["caption", "question", "none"]
 class DataConfig:
     """Annotation files (any format `evl data formats` lists) and how clips/texts are read."""
 
-    train: str = ""
+    train: str = ""                    # an annotation file, or tar shards: "SHARDS/{000000..000123}.tar" / SHARDS/
     val: str | None = None
     test: str | None = None
     videos: str | None = None          # folder video paths are relative to (default: guessed per file)
@@ -44,8 +44,11 @@ class DataConfig:
     num_frames: int | None = None      # default: the model's video.num_frames; at most MAX_FRAMES (256)
     max_text_len: int = 32
     backend: Literal["pyav", "decord"] = "pyav"
+    shuffle_buffer: int = 1000         # training from shards: samples each loader stream shuffles among
 
     def __post_init__(self) -> None:
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 1 sample (1 = shards in order)")
         # 0 must not read as "the model's default": None (the key left out) says that
         if self.num_frames is not None and self.num_frames < 1:
             raise ConfigError(f"data.num_frames={self.num_frames}: must be a positive number of frames (a multiple "

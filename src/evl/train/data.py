@@ -13,15 +13,17 @@ Three guarantees, each needed for an exact resume and for "2 ranks == 1 rank":
 
 from __future__ import annotations
 
-import random
+import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate
+
+from evl.data.seeding import derive_seed, seeded_rng
+from evl.data.shard_stream import ShardStream
+from evl.errors import ConfigError
 
 __all__ = [
     "CollatedBatch",
@@ -69,37 +71,6 @@ def skip_none_collate(collate_fn: Callable[[list[Any]], Any] | None = None
     memory the main process cannot see. `collate_fn=None` means torch's default collate.
     """
     return _SkipNoneCollate(collate_fn)
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (e.g. seed, epoch, sample index).
-
-    SeedSequence hashes its input, so neighbouring indices give unrelated streams (a plain
-    `seed + index` would make sample i of epoch 1 share the stream of sample i+1 of epoch 0).
-    """
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-@contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Seed torch (CPU), python `random` and numpy for the block, then restore their previous states.
-
-    Restoring matters when data loads in the main process (num_workers=0): the model's dropout stream
-    must not be disturbed by data loading, or losses would depend on `num_workers`.
-    """
-    torch_state = torch.random.get_rng_state()
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch.random.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -190,17 +161,71 @@ def make_train_loader(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] |
     """A DataLoader for one epoch (from `sampler.start_micro` on) that yields CollatedBatch.
 
     The loader gets its own seeded generator: otherwise creating its iterator draws a worker base seed
-    from the global torch RNG, which would shift the dropout stream of the model.
+    from the global torch RNG, which would shift the dropout stream of the model. A streamed data set
+    (`evl.data.shard_stream.ShardStream`) gets its per-worker streams instead of the index sampler.
     """
     seed, epoch = sampler.seed, sampler.epoch
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, sampler.start_micro, sampler.rank))
+    if isinstance(dataset, ShardStream):
+        layout = (sampler.world_size, sampler.rank, max(1, num_workers), sampler.micro_batch)
+        if layout != (dataset.world_size, dataset.rank, dataset.workers, dataset.micro_batch):
+            raise ConfigError(f"the shard stream was laid out for (world, rank, workers, micro-batch) = "
+                              f"{(dataset.world_size, dataset.rank, dataset.workers, dataset.micro_batch)}, "
+                              f"the Trainer asks for {layout}; build it with the run's settings")
+        return DataLoader(_WorkerStream(dataset, collate_fn, seed, epoch, sampler.start_micro), batch_size=None,
+                          num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is, generator=generator)
     return DataLoader(
         _IndexSeededDataset(dataset, seed, epoch),
         batch_sampler=sampler,
         collate_fn=_SeededCollate(collate_fn, seed, epoch),
         num_workers=num_workers,
         pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, sampler.start_micro, sampler.rank)),
+        generator=generator,
     )
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """The records a run trains on, as its checkpoints record them (a resume with another data set is
+    refused): a shard stream's samples in all its shards, whatever the run's layout makes of an epoch."""
+    return dataset.num_records if isinstance(dataset, ShardStream) else len(dataset)  # type: ignore[arg-type]
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class _WorkerStream(IterableDataset):
+    """One loader worker's micro-batches of one epoch of a shard stream, collated as map-style training
+    collates: rank micro-batch m comes from stream m mod W, so on resume at m₀ stream w skips its first
+    ⌈(m₀ − w) / W⌉ batches by replaying references only (see `evl.data.shard_stream`)."""
+
+    def __init__(self, data: ShardStream, collate_fn: Callable[[list[Any]], Any] | None, seed: int, epoch: int,
+                 start_micro: int):
+        self.data, self.seed, self.epoch, self.start_micro = data, seed, epoch, start_micro
+        self.collate = _SeededCollate(collate_fn, seed, epoch)
+
+    def __iter__(self) -> Iterator[CollatedBatch]:
+        info = get_worker_info()
+        data = self.data
+        # DataLoader asks its workers in turn from worker 0; rank micro-batch m belongs to stream m mod W, so
+        # after `start_micro` batches loader worker i serves stream (i + start_micro) mod W
+        w = ((info.id if info is not None else 0) + self.start_micro) % data.workers
+        refs = data.stream(data.rank * data.workers + w, self.seed, self.epoch)
+        done = max(0, math.ceil((self.start_micro - w) / data.workers))
+        for b in range(data.per_worker_batches):
+            batch = [next(refs) for _ in range(data.micro_batch)]
+            if b < done:
+                continue
+            pairs = []
+            for shard, j in batch:
+                sid = data.sample_id(shard, j)
+                with seeded_rng(derive_seed(self.seed, self.epoch, sid)):
+                    pairs.append((sid, data.load(shard, j)))
+            good = [sample for _, sample in pairs if sample is not None]
+            if good and len(good) < len(pairs):   # keep the micro-batch size: ranks gather equal batches
+                pairs = [(sid, sample if sample is not None else {**good[k % len(good)], "replaced_bad": 1})
+                         for k, (sid, sample) in enumerate(pairs)]
+            yield self.collate(pairs)
 
 
 def make_probe_batch(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int, seed: int) -> Any:

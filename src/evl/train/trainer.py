@@ -54,6 +54,7 @@ from evl.train.config import TrainConfig
 from evl.train.data import (
     CollatedBatch,
     GlobalBatchSampler,
+    dataset_size,
     make_probe_batch,
     make_train_loader,
     skip_none_collate,
@@ -277,7 +278,7 @@ class Trainer:
         if ckpt is not None:
             progress = load_training_checkpoint(self.ctx, self.wrapped, self.optimizer, ckpt,
                                                 expect={"global_batch": cfg.batch_size, "seed": cfg.seed,
-                                                        "dataset_size": len(self.dataset)})  # type: ignore[arg-type]
+                                                        "dataset_size": dataset_size(self.dataset)})
             if progress.step > cfg.max_steps:
                 raise ConfigError(f"--resume: the checkpoint {ckpt} is at step {progress.step}, past "
                                   f"train.max_steps={cfg.max_steps}; nothing was written. Raise train.max_steps "
@@ -300,10 +301,13 @@ class Trainer:
             sampler = GlobalBatchSampler(len(self.dataset), micro, self.ctx.world_size,  # type: ignore[arg-type]
                                          self.ctx.rank, cfg.grad_accum, cfg.seed, progress.epoch,
                                          progress.samples_in_epoch // per_micro)
+            samples_per_epoch = sampler.steps_per_epoch * cfg.batch_size
+            if progress.samples_in_epoch >= samples_per_epoch:   # resumed past the end of a shorter epoch
+                progress.epoch, progress.samples_in_epoch = progress.epoch + 1, 0   # (a shard stream's new layout)
+                continue
             loader = make_train_loader(self.dataset, self.collate_fn, sampler, cfg.num_workers,
                                        pin_memory=self.ctx.device.type == "cuda")
             batches = iter(loader)
-            samples_per_epoch = sampler.steps_per_epoch * cfg.batch_size
             epoch = progress.epoch
             while progress.epoch == epoch and progress.step < cfg.max_steps:
                 t_step = time.perf_counter()
@@ -337,7 +341,7 @@ class Trainer:
 
     def _save(self, progress: Progress) -> str:
         meta = {"global_batch": self.cfg.batch_size, "seed": self.cfg.seed,
-                "dataset_size": len(self.dataset),  # type: ignore[arg-type]
+                "dataset_size": dataset_size(self.dataset),
                 "train_config": to_dict(self.cfg), "precision": self.precision.name,
                 "precision_reason": self.precision.reason}
         def stage(staged: Path) -> None:
