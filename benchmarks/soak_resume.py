@@ -8,8 +8,10 @@ a new step, or was inside a checkpoint write) or during start-up (interpreter, i
 or a first step not yet logged), how many kills landed inside a checkpoint write (a `.tmp-*` file or
 folder was left behind), and the time lost to the kills.
 
-Usage: python benchmarks/soak_resume.py [--kills 20] [--steps 40] [--seed 0] [--work DIR]
-Prints a table and writes benchmarks/results/soak_resume.json.
+Usage: python benchmarks/soak_resume.py [--kills 20] [--steps 40] [--seed 0] [--work DIR] [--shards]
+Prints a table and writes benchmarks/results/soak_resume.json. `--shards` trains both runs from tar shards of
+the same set (`evl shard`, 10 samples per shard) streamed by 2 loader workers, and writes
+benchmarks/results/soak_resume_shards.json.
 """
 
 from __future__ import annotations
@@ -41,19 +43,22 @@ def _model() -> dict:
             "fusion": {"kind": "encoder", "num_layers": 1, "num_heads": 2}, "embed_dim": 16}
 
 
-def _recipe(path: Path, data: Path, out: Path, steps: int) -> Path:
+def _recipe(path: Path, data: Path, out: Path, steps: int, shards: Path | None = None) -> Path:
+    source = {"train": str(shards), "shuffle_buffer": 16} if shards else \
+        {"train": str(data / "annotations" / "pretrain.json"), "videos": str(data / "videos")}
     path.write_text(yaml.safe_dump({
-        "task": "pretrain", "model": _model(), "objectives": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0},
-        "data": {"train": str(data / "annotations" / "pretrain.json"), "videos": str(data / "videos")},
+        "task": "pretrain", "model": _model(), "objectives": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, "data": source,
         "train": {"max_steps": steps, "batch_size": 8, "log_every": 1, "ckpt_every": 1, "keep_last": 2, "seed": 0,
-                  "lr": 1e-3, "precision": "fp32", "out_dir": str(out)}}))
+                  "lr": 1e-3, "precision": "fp32", "num_workers": 2 if shards else 0, "out_dir": str(out)}}))
     return path
 
 
 def _launch(recipe: Path, resume: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "evl.cli", "pretrain", str(recipe), "--no-eval", *(["--resume"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its own process group: a kill takes the loader workers with it, as a machine failure would
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -66,22 +71,26 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in root.rglob(".*")) if root.is_dir() else []
 
 
-def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
+def soak(kills: int, steps: int, seed: int, work: Path, use_shards: bool = False) -> dict:
     from safetensors.torch import load_file
 
+    from evl.data.shard_write import write_shards
     from evl.data.synthetic import write_synthvl
 
     data = work / "synthvl"
     if not (data / "annotations" / "pretrain.json").is_file():
         write_synthvl(data, clips=20, seed=0, frames=8, size=32)
+    shards = work / "shards" if use_shards else None
+    if shards is not None and not (shards / "index.json").is_file():
+        write_shards(data / "annotations" / "pretrain.json", data / "videos", shards, samples_per_shard=10)
     out_a, out_b = work / "a", work / "b"
     t0 = time.perf_counter()
-    proc = _launch(_recipe(work / "a.yaml", data, out_a, steps), resume=False)
+    proc = _launch(_recipe(work / "a.yaml", data, out_a, steps, shards), resume=False)
     _, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"run A failed:\n{err[-3000:]}")
     t_a = time.perf_counter() - t0
-    recipe_b = _recipe(work / "b.yaml", data, out_b, steps)
+    recipe_b = _recipe(work / "b.yaml", data, out_b, steps, shards)
     rng = random.Random(seed)
     landed, inside, finished_early, launches = 0, 0, False, 0
     kill_log: list[dict] = []
@@ -95,7 +104,7 @@ def soak(kills: int, steps: int, seed: int, work: Path) -> dict:
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             landed += 1
             left = sorted(set(_leftovers(out_b)) - before)
@@ -145,8 +154,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "soak_resume.json")
+    ap.add_argument("--shards", action="store_true", help="train from tar shards streamed by 2 loader workers")
+    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    args.json = args.json or HERE / "results" / ("soak_resume_shards.json" if args.shards else "soak_resume.json")
     from evl.precision import cpu_info
 
     sys.path.insert(0, str(HERE))
@@ -155,10 +166,10 @@ def main() -> None:
     meta = run_meta(seeds=[args.seed], precision="fp32")   # --seed draws the kill delays; training seed 0, fp32
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        result = soak(args.kills, args.steps, args.seed, args.work)
+        result = soak(args.kills, args.steps, args.seed, args.work, args.shards)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = soak(args.kills, args.steps, args.seed, Path(tmp))
+            result = soak(args.kills, args.steps, args.seed, Path(tmp), args.shards)
     info = cpu_info()
     result["cpu"] = info
     result["meta"] = finish_meta(meta)

@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -141,6 +142,10 @@ class ShardStream:
         self.shards = expand_shards(source)
         root = Path(self.source) if Path(self.source).is_dir() else self.shards[0].parent
         self.info = json.loads((root / INDEX_FILE).read_text()) if (root / INDEX_FILE).is_file() else {}
+        if self.info.get("mode") == "frames" and self.info.get("frames") != clip.num_frames:
+            raise ConfigError(f"data.train={self.source}: the shards hold {self.info.get('frames')} pre-decoded frames "
+                              f"per clip, the model reads {clip.num_frames}; write them again with `evl shard "
+                              f"--frames {clip.num_frames}` (or train from video shards)")
         counts = {s["name"]: s["samples"] for s in self.info.get("shards", [])}
         self.samples = [None] * len(self.shards)   # per-shard sample lists, read on first use
         self.counts = [counts.get(p.name) if p.name in counts else len(self._samples(i))
@@ -257,13 +262,30 @@ class ShardStream:
             self._tmp.dir = Path(tempfile.mkdtemp(prefix=f"evl-shard-{os.getpid()}-"))
         return self._tmp.dir
 
+    def release(self) -> None:
+        """Remove this process's folder for the video being decoded (a loader worker calls it at its end)."""
+        folder = getattr(self._tmp, "dir", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._tmp.dir = None
+
+    def __getstate__(self) -> dict:   # loader workers started with "spawn" get a copy without thread state
+        return {k: v for k, v in self.__dict__.items() if k != "_tmp"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tmp = threading.local()
+
     def sample_id(self, shard: int, j: int) -> int:
         return int(self.first[shard] + j)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """Sample `index` in shard order (the Trainer's probe pass reads the first two)."""
         shard = int(np.searchsorted(self.first, index, side="right") - 1)
-        return self.load(shard, index - int(self.first[shard]))
+        try:
+            return self.load(shard, index - int(self.first[shard]))
+        finally:
+            self.release()
 
     # ------------------------------------------------------------------ streams
 

@@ -212,20 +212,25 @@ class _WorkerStream(IterableDataset):
         w = ((info.id if info is not None else 0) + self.start_micro) % data.workers
         refs = data.stream(data.rank * data.workers + w, self.seed, self.epoch)
         done = max(0, math.ceil((self.start_micro - w) / data.workers))
-        for b in range(data.per_worker_batches):
-            batch = [next(refs) for _ in range(data.micro_batch)]
-            if b < done:
-                continue
-            pairs = []
-            for shard, j in batch:
-                sid = data.sample_id(shard, j)
-                with seeded_rng(derive_seed(self.seed, self.epoch, sid)):
-                    pairs.append((sid, data.load(shard, j)))
-            good = [sample for _, sample in pairs if sample is not None]
-            if good and len(good) < len(pairs):   # keep the micro-batch size: ranks gather equal batches
-                pairs = [(sid, sample if sample is not None else {**good[k % len(good)], "replaced_bad": 1})
-                         for k, (sid, sample) in enumerate(pairs)]
-            yield self.collate(pairs)
+        try:
+            for b in range(data.per_worker_batches):
+                batch = [next(refs) for _ in range(data.micro_batch)]
+                if b >= done:
+                    yield self._collate(batch)
+        finally:
+            data.release()
+
+    def _collate(self, batch: list[tuple[int, int]]) -> CollatedBatch:
+        data, pairs = self.data, []
+        for shard, j in batch:
+            sid = data.sample_id(shard, j)
+            with seeded_rng(derive_seed(self.seed, self.epoch, sid)):
+                pairs.append((sid, data.load(shard, j)))
+        good = [sample for _, sample in pairs if sample is not None]
+        if good and len(good) < len(pairs):   # keep the micro-batch size: ranks gather equal batches
+            pairs = [(sid, sample if sample is not None else {**good[k % len(good)], "replaced_bad": 1})
+                     for k, (sid, sample) in enumerate(pairs)]
+        return self.collate(pairs)
 
 
 def make_probe_batch(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int, seed: int) -> Any:
