@@ -265,6 +265,12 @@ def test_two_ranks_killed_mid_epoch_and_resumed_train_exactly_as_uninterrupted(s
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
+    # the same streams under FSDP2: the same samples, so the same losses up to float reduction order
+    fsdp = tmp_path / "fsdp"
+    _torchrun(_recipe(tmp_path / "c.yaml", shards, fsdp, model, workers=1), "train.strategy=fsdp")
+    for x, y in zip(losses(fsdp), losses(whole), strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5), (x, y)
+
 
 def test_a_resume_with_another_worker_count_goes_on_at_the_same_point_of_the_epoch(shards, tiny_model_dict_factory,
                                                                                   tmp_path):
