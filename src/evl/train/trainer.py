@@ -172,7 +172,9 @@ class Trainer:
                  callbacks: Sequence[Callback] | None = None, model_config: dict[str, Any] | None = None):
         if isinstance(dataset, IterableDataset):
             raise ConfigError("Trainer needs a map-style Dataset (with __len__/__getitem__) so that it can "
-                              "shard, shuffle and resume deterministically; got an IterableDataset")
+                              "shard, shuffle and resume deterministically; got an IterableDataset. Streamed data "
+                              "goes through tar shards (`evl shard`; evl.data.shard_stream.ShardStream), which "
+                              "resume exactly")
         self.model = model
         self.loss_fn = loss_fn
         self.dataset = dataset
