@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,9 +149,11 @@ class ShardStream:
                               f"per clip, the model reads {clip.num_frames}; write them again with `evl shard "
                               f"--frames {clip.num_frames}` (or train from video shards)")
         counts = {s["name"]: s["samples"] for s in self.info.get("shards", [])}
-        self.samples = [None] * len(self.shards)   # per-shard sample lists, read on first use
-        self.counts = [counts.get(p.name) if p.name in counts else len(self._samples(i))
-                       for i, p in enumerate(self.shards)]
+        self.samples: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()   # per-shard offsets, a few kept
+        self.keep_indices = len(self.shards)   # until the counts are known (no index.json: every shard is read)
+        self.counts = [counts.get(p.name) if p.name in counts else len(shard_samples(p)) for p in self.shards]
+        smallest = max(1, min(self.counts))
+        self.keep_indices = 2 + math.ceil(shuffle_buffer / smallest)
         self.num_records = sum(self.counts)
         self.world_size, self.rank, self.workers = world_size, rank, max(1, workers)
         self.micro_batch, self.grad_accum, self.shuffle_buffer = micro_batch, grad_accum, shuffle_buffer
@@ -171,9 +175,15 @@ class ShardStream:
     # ------------------------------------------------------------------ samples
 
     def _samples(self, shard: int) -> list[dict[str, Any]]:
-        if self.samples[shard] is None:
-            self.samples[shard] = shard_samples(self.shards[shard])
-        return self.samples[shard]
+        """A shard's member offsets; only the shards the shuffle buffer can still draw from are kept, so a
+        worker's memory does not grow with the shards it has read (reloading one is a small JSON read)."""
+        if shard in self.samples:
+            self.samples.move_to_end(shard)
+            return self.samples[shard]
+        entries = self.samples[shard] = shard_samples(self.shards[shard])
+        while len(self.samples) > self.keep_indices:
+            self.samples.popitem(last=False)
+        return entries
 
     def head_records(self, limit: int = 1000) -> list[Record]:
         """The records of the first `limit` samples (what a task checks before training), read from their
