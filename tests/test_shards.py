@@ -265,6 +265,24 @@ def test_two_ranks_killed_mid_epoch_and_resumed_train_exactly_as_uninterrupted(s
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
+    # the fallback when the world size changes: the 2-rank run's step-4 checkpoint resumed by one process
+    # (2 streams of 4 per micro-batch → 1 stream of 8: still 5 steps per epoch; the rest of epoch 0 comes from
+    # the one stream, so its losses differ from the 2-rank run's, and the run ends at step 8)
+    import shutil
+
+    from evl.recipes import load_recipe, run_recipe
+
+    one = tmp_path / "one"
+    shutil.copytree(whole, one)
+    for name in ("step_00000006", "step_00000008"):
+        shutil.rmtree(one / "checkpoints" / name)
+    (one / "checkpoints" / "latest.json").write_text(json.dumps({"step": 4, "dir": "step_00000004"}))
+    shutil.rmtree(one / "final")
+    (one / "summary.json").unlink()
+    summary = run_recipe(load_recipe(tmp_path / "a.yaml", [f"train.out_dir={one}"]), resume=True, evaluate=False)
+    assert summary["steps"] == 8 and [r["step"] for r in losses(one)] == list(range(1, 9))
+    assert losses(one)[:4] == losses(whole)[:4]   # the steps before the checkpoint are the 2-rank run's
+
     # the same streams under FSDP2: the same samples, so the same losses up to float reduction order
     fsdp = tmp_path / "fsdp"
     _torchrun(_recipe(tmp_path / "c.yaml", shards, fsdp, model, workers=1), "train.strategy=fsdp")
