@@ -129,10 +129,12 @@ def trained(tmp_path_factory, synthvl, tiny_model_dict_factory):
 
 # ------------------------------------------------------------------------------------- the fast tier
 # `make test-fast` (pytest -m "not slow") leaves these out: end-to-end runs (training, torchrun, kills and
-# resumes, a browser, ONNX export) and the tests that took 0.7 s or more in `pytest --durations=0` here.
+# resumes, a browser, ONNX export, the trained folders of test_api.py) and the tests that took 0.7 s or more
+# in `pytest --durations=0` here.
 # `make test` — what CI runs — still runs every test.
-SLOW_MODULES = {"test_quickstart.py", "test_resume_cli.py", "test_search_reliability.py", "test_torchrun.py", "test_torchrun_model.py"}
+SLOW_MODULES = {"test_api.py", "test_quickstart.py", "test_resume_cli.py", "test_search_reliability.py", "test_torchrun.py", "test_torchrun_model.py"}
 SLOW_TESTS = {
+    "test_a_resume_with_another_worker_count_goes_on_at_the_same_point_of_the_epoch",
     "test_two_ranks_killed_mid_epoch_and_resumed_train_exactly_as_uninterrupted",
     "test_a_query_naming_what_a_video_shows_ranks_it_first",
     "test_a_re_export_leaves_nothing_stale_and_indexes_do_not_mix_frame_counts",
