@@ -203,7 +203,7 @@ def test_a_training_step_with_both_terms_updates_the_weights(objective_and_batch
 @pytest.mark.parametrize("options, message", [
     ({"kinds": ["colours"]}, "kinds must be a non-empty list"), ({"kinds": []}, "kinds must be a non-empty list"),
     ({"count": 0}, "count must be an integer from 1 to 8"), ({"count": 9}, "from 1 to 8"),
-    ({"count": True}, "count must be an integer"), ({"bogus": 1}, "bogus"),
+    ({"count": True}, "count: expected an integer, got True"), ({"bogus": 1}, "bogus"),
 ])
 def test_bad_options_are_refused_when_the_recipe_loads(tmp_path, options, message):
     from evl.errors import ConfigError

@@ -125,6 +125,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         return int(value) if isinstance(value, int) else int(f)
     if typ is float:
+        if isinstance(value, bool):   # float(True) is 1.0: a switch given where a number is asked is a mistake
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         try:
             f = float(value)
         except (TypeError, ValueError):

@@ -138,7 +138,9 @@ def test_mlm_term_option_reaches_the_batch_transform():
     plain, _ = build_terms({"mlm": 1.0}, TermContext(cfg, tok))
     assert plain["mlm"].batch_transforms()[0].unmaskable == frozenset()
     with pytest.raises(ConfigError, match="skip_function_words"):
-        build_terms({"mlm": {"skip_function_words": "yes"}}, TermContext(cfg, tok))
+        build_terms({"mlm": {"skip_function_words": "maybe"}}, TermContext(cfg, tok))
+    # options go through the config coercer like every other option: "yes" is true, as in train.overwrite=yes
+    assert build_terms({"mlm": {"skip_function_words": "yes"}}, TermContext(cfg, tok))[0]["mlm"].skip_function_words
 
 
 # ------------------------------------------------------------------------------------------ one checkpoint, two modes

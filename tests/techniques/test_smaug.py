@@ -373,7 +373,7 @@ def _ctx(attention="joint", kind="encoder"):
 
 @pytest.mark.parametrize("spec,message", [
     ({"sparsify": {"keep_rate": 1.5}}, r"objectives\.sparsify: keep_rate=1\.5 is outside \(0, 1\)"),
-    ({"sparsify": {"keep_rate": 0}}, r"objectives\.sparsify: keep_rate=0 is outside \(0, 1\)"),
+    ({"sparsify": {"keep_rate": 0}}, r"objectives\.sparsify: keep_rate=0\.0 is outside \(0, 1\)"),
     ({"mae": {"mask_ratio": 1.0}}, r"objectives\.mae: mask_ratio=1\.0 is outside \(0, 1\)"),
     ({"mae": {"mask_ratio": -0.1}}, r"objectives\.mae: mask_ratio=-0\.1 is outside \(0, 1\)"),
     ({"mae": {"mask_ratio": 0.99}}, r"objectives\.mae: ratio=0\.99 masks round\(0\.99 \* 16\) = 16 of 16"),

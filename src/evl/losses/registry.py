@@ -20,6 +20,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from evl.config import from_dict
 from evl.errors import ConfigError
 from evl.losses.compositional import NegVTCTerm, NegVTMTerm
 from evl.losses.terms import LossTerm, MCTerm, MLMTerm, QATerm, TermContext, VTCTerm, VTMTerm
@@ -112,8 +113,9 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
         if unknown:
             raise ConfigError(f"{where}.{name}: unknown option(s) {', '.join(unknown)}; "
                               f"this term takes: weight{''.join(', ' + a for a in accepted)}")
+        values = from_dict(typed, options, where=f"{where}.{name}")   # each value coerced to its annotated type
         try:
-            terms[name] = cls(ctx, **options)
+            terms[name] = cls(ctx, **{key: getattr(values, key) for key in options})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}.{name}: {e}") from e
     return terms, {name: w for name, (w, _) in parsed.items() if terms[name].adds_loss}
@@ -122,10 +124,9 @@ def build_terms(spec: Mapping[str, Any], ctx: TermContext, where: str = "objecti
 @functools.cache
 def term_options(cls: type[LossTerm]) -> type:
     """A term's options as a typed dataclass (name, annotated type, default), made from its constructor's
-    keyword arguments so they are declared once, where the term uses them. `build_terms` checks option
-    names against it; the values go to the constructor as written, which checks them with messages naming
-    option, value and range (the config coercer is not applied: it would accept e.g. "yes" for a boolean
-    that terms refuse today)."""
+    keyword arguments so they are declared once, where the term uses them. `build_terms` reads a recipe's
+    options through it with the config coercer (`config.from_dict`): an unknown option or a value of the
+    wrong type is an error naming `objectives.<term>.<option>`; the term then checks ranges."""
     hints = typing.get_type_hints(cls.__init__)
     fields = []
     for p in inspect.signature(cls.__init__).parameters.values():
