@@ -169,22 +169,25 @@ def test_a_resumed_epoch_continues_with_exactly_the_batches_of_an_uninterrupted_
         assert _collect(stream, epoch=2, start_micro=start, workers=workers) == full[start:], start
 
 
-def test_a_corrupt_member_is_replaced_counted_and_logged(shards, tmp_path, caplog):
+def test_a_corrupt_video_or_record_is_replaced_counted_and_logged(shards, tmp_path, caplog):
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in shards.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    entry = json.loads((bad / "000000.tar.idx.json").read_text())["samples"][1]
-    offset, size = entry["members"]["mp4"]
+    entries = json.loads((bad / "000000.tar.idx.json").read_text())["samples"]
     data = bytearray((bad / "000000.tar").read_bytes())
+    offset, size = entries[1]["members"]["mp4"]
     data[offset:offset + size] = b"\0" * size          # the tar stays a tar; one video inside is garbage
+    offset, size = entries[3]["members"]["json"]
+    data[offset:offset + size] = b"{" * size            # and one record is not JSON
     (bad / "000000.tar").write_bytes(bytes(data))
     stream = _stream(bad, micro=5, shuffle_buffer=1)
     sampler = GlobalBatchSampler(len(stream), 5, 1, 0, 1, seed=0, epoch=0)
     with caplog.at_level(logging.WARNING):
         batches = list(make_train_loader(stream, _ids, sampler, 0, pin_memory=False))
-    assert sum(b.skipped for b in batches) == 1 and all(len(b.batch["index"]) == 5 for b in batches)
+    assert sum(b.skipped for b in batches) == 2 and all(len(b.batch["index"]) == 5 for b in batches)
     assert "skipping shard sample 000000.tar:000000001" in caplog.text
+    assert "skipping shard sample 000000.tar:000000003" in caplog.text
 
 
 def test_a_stream_refuses_a_layout_it_was_not_built_for(shards):
