@@ -32,7 +32,7 @@ def build(work: Path, samples: int, distinct: int) -> Path:
     import webdataset as wds
 
     from evl.data.annotations import read_annotations
-    from evl.data.shard_write import INDEX_FILE, _member_offsets, shard_index_path
+    from evl.data.shard_write import INDEX_FILE, write_index
     from evl.data.synthetic import write_synthvl
 
     shards = work / "shards"
@@ -50,14 +50,8 @@ def build(work: Path, samples: int, distinct: int) -> Path:
             r = records[i % len(records)]
             meta = {"video": f"copy{i // len(records)}/{r.video}", "captions": r.captions}
             sink.write({"__key__": f"{i:09d}", "json": json.dumps(meta).encode(), "mp4": videos[r.video]})
-    listing = []
-    for shard in sorted(shards.glob("*.tar")):
-        entries = _member_offsets(shard)
-        shard_index_path(shard).write_text(json.dumps({"samples": entries}))
-        listing.append({"name": shard.name, "samples": len(entries)})
-    (shards / INDEX_FILE).write_text(json.dumps({"version": 1, "mode": "video", "frames": None, "size": None,
-                                                 "total": samples, "shards": listing, "skipped": {}}))
-    print(f"wrote {samples} samples in {len(listing)} shards in {time.perf_counter() - t0:.0f} s", flush=True)
+    index = write_index(shards, {"mode": "video", "frames": None, "size": None, "skipped": {}})
+    print(f"wrote {samples} samples in {len(index['shards'])} shards in {time.perf_counter() - t0:.0f} s", flush=True)
     return shards
 
 

@@ -52,7 +52,7 @@ import torch
 from evl.data.datasets import ClipSettings, TextMode, clip_key, record_text
 from evl.data.records import Record
 from evl.data.seeding import derive_seed
-from evl.data.shard_write import INDEX_FILE, _member_offsets, shard_index_path
+from evl.data.shard_write import INDEX_FILE, member_offsets, shard_index_path
 from evl.data.transforms import VideoTransform
 from evl.errors import ConfigError, VideoDecodeError
 
@@ -97,7 +97,7 @@ def shard_samples(shard: Path) -> list[dict[str, Any]]:
     idx = shard_index_path(shard)
     if idx.is_file():
         return json.loads(idx.read_text())["samples"]
-    return _member_offsets(shard)
+    return member_offsets(shard)
 
 
 def deal_shards(counts: list[int], workers: int) -> list[list[int]]:

@@ -37,7 +37,7 @@ def _record_dict(record) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(record).items() if v not in (None, [], {})}
 
 
-def _member_offsets(shard: Path) -> list[dict[str, Any]]:
+def member_offsets(shard: Path) -> list[dict[str, Any]]:
     """[{key, members: {ext: [data offset, size]}}] of a tar shard, in the tar's order (WebDataset's rule: a
     member's key is its name up to the first dot, the rest is its extension)."""
     samples: list[dict[str, Any]] = []
@@ -70,6 +70,19 @@ def _frames_bytes(path: Path, record, frames: int, size: int) -> tuple[bytes, li
     buf = io.BytesIO()
     np.save(buf, x.numpy(), allow_pickle=False)
     return buf.getvalue(), clip.frame_mask.tolist()
+
+
+def write_index(out: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """`<shard>.idx.json` beside every shard in `out` and `out/index.json` (the shards, their sample counts and
+    the total, with `info`: mode, frames, size, source, skipped videos); returns the index."""
+    listing = []
+    for shard in sorted(Path(out).glob("*.tar")):
+        samples = member_offsets(shard)
+        shard_index_path(shard).write_text(json.dumps({"samples": samples}))
+        listing.append({"name": shard.name, "samples": len(samples)})
+    index = {"version": FORMAT_VERSION, **info, "total": sum(s["samples"] for s in listing), "shards": listing}
+    (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    return index
 
 
 def write_shards(annotation: str | Path, videos: str | Path | None, out: str | Path, samples_per_shard: int = 1000,
@@ -130,14 +143,8 @@ def write_shards(annotation: str | Path, videos: str | Path | None, out: str | P
     if not shards:
         raise ConfigError(f"none of the {len(records)} records of {annotation} has a decodable video under "
                           f"{videos_dir}; run `evl data check {annotation}`")
-    listing = []
-    for shard in shards:
-        samples = _member_offsets(shard)
-        shard_index_path(shard).write_text(json.dumps({"samples": samples}))
-        listing.append({"name": shard.name, "samples": len(samples)})
-    index = {"version": FORMAT_VERSION, "mode": "video" if frames is None else "frames", "frames": frames,
-             "size": size, "source": str(annotation), "total": written, "shards": listing, "skipped": skipped}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    index = write_index(out, {"mode": "video" if frames is None else "frames", "frames": frames, "size": size,
+                              "source": str(annotation), "skipped": skipped})
     if skipped:
         log.warning("%d of %d records left out: their video could not be decoded (listed in %s)",
                     len(records) - written, len(records), out / INDEX_FILE)
