@@ -53,22 +53,17 @@ def member_offsets(shard: Path) -> list[dict[str, Any]]:
 
 
 def _frames_bytes(path: Path, record, frames: int, size: int) -> tuple[bytes, list[bool]]:
+    """The record's clip decoded once: `frames` uniform frames, short side resized to `size`, centre-cropped
+    (the evaluation transform's geometry, before normalisation), as .npy bytes of uint8 (T, C, S, S)."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
+    from evl.data.transforms import center_crop, resize_short_side
     from evl.data.video import load_clip
 
     clip = load_clip(path, frames, "uniform", start=record.start, end=record.end)
-    x = clip.frames.float()
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
-                      align_corners=False, antialias=True)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+    x = center_crop(resize_short_side(clip.frames, size), size)
     buf = io.BytesIO()
-    np.save(buf, x.numpy(), allow_pickle=False)
+    np.save(buf, x.contiguous().numpy(), allow_pickle=False)
     return buf.getvalue(), clip.frame_mask.tolist()
 
 
