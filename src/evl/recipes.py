@@ -139,7 +139,8 @@ def _job(cfg: RecipeConfig, init: str | Path | None, resume: bool, evaluate: boo
     if num_frames < 1 or num_frames % model.cfg.video.tubelet_size:
         raise ConfigError(f"data.num_frames={num_frames} must be a positive multiple of the model's "
                           f"video.tubelet_size={model.cfg.video.tubelet_size}")
-    clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend)
+    clip = ClipSettings(num_frames=num_frames, size=model.cfg.video.image_size, train=True, backend=cfg.data.backend,
+                        cache_mb=cfg.data.frame_cache_mb)
     train_ds = _training_data(cfg, clip, task, ctx)
     vocab = None
     if task.uses_answer_vocab:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from evl.data import MAX_FRAMES
 from evl.data.annotations import Record, read_annotations
+from evl.data.frame_cache import frame_cache
 from evl.data.transforms import VideoTransform
 from evl.data.video import load_clip
 from evl.errors import ConfigError, VideoDecodeError
@@ -45,8 +46,14 @@ class DataConfig:
     max_text_len: int = 32
     backend: Literal["pyav", "decord"] = "pyav"
     shuffle_buffer: int = 1000         # training from shards: samples each loader stream shuffles among
+    frame_cache_mb: float = 0          # decoded frames kept between epochs (evl.data.frame_cache); 0 = off
 
     def __post_init__(self) -> None:
+        if self.frame_cache_mb < 0:
+            raise ConfigError(f"data.frame_cache_mb={self.frame_cache_mb}: must be >= 0 MiB (0 switches the cache off)")
+        if self.frame_cache_mb and self.backend != "pyav":
+            raise ConfigError(f"data.frame_cache_mb={self.frame_cache_mb} keeps frames the PyAV backend decodes; "
+                              f"data.backend is {self.backend!r}: set data.backend=pyav or data.frame_cache_mb=0")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 1 sample (1 = shards in order)")
         # 0 must not read as "the model's default": None (the key left out) says that
@@ -67,6 +74,7 @@ class ClipSettings:
     size: int = 64
     train: bool = False
     backend: str = "pyav"
+    cache_mb: float = 0     # evl.data.frame_cache: decoded frames kept in this process (PyAV); 0 = off
 
 
 def clip_key(record: Record) -> str:
@@ -118,7 +126,8 @@ class VideoTextDataset(Dataset):
         try:
             clip = load_clip(self.video_path(record), self.clip.num_frames,
                              "random" if self.clip.train else "uniform", start=record.start, end=record.end,
-                             backend=self.clip.backend)
+                             backend=self.clip.backend,
+                             cache=frame_cache(self.clip.cache_mb) if self.clip.cache_mb else None)
         except VideoDecodeError as e:
             log.warning("skipping %s (%s): %s", record.video, record.source, e.reason)
             return None

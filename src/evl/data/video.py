@@ -53,6 +53,7 @@ from evl.data.video_decord import (
     _open_decord,
     _verify_decord,
 )
+from evl.data.frame_cache import FrameCache, file_key
 from evl.data.video_pyav import _decode_pyav, _frames, _pyav_open, _pyav_table
 from evl.errors import VideoDecodeError
 
@@ -77,13 +78,15 @@ def probe_video(path: str | Path, backend: str = "pyav") -> VideoInfo:
 def load_clip(path: str | Path, num_frames: int = 8, strategy: str = "uniform", *,
               indices: Sequence[int] | None = None, start: float | None = None,
               end: float | None = None, rng: random.Random | None = None,
-              backend: str = "pyav", seek: SeekMode = "auto") -> Clip:
+              backend: str = "pyav", seek: SeekMode = "auto", cache: FrameCache | None = None) -> Clip:
     """Decode `num_frames` frames of `path` sampled by `strategy` (or exactly `indices`).
 
     `start`/`end` (seconds) restrict sampling to a time window. Explicit `indices` bypass sampling
     (any order, repeats allowed, no padding). `seek` chooses the PyAV decode plan: "auto" (cheapest),
     "seek" (seek before every keyframe group) or "sequential" (decode from the start); all three give
     identical frames, the option exists for benchmarks and tests. Every failure is a VideoDecodeError.
+    `cache` (PyAV only; `evl.data.frame_cache`): decoded frames found there are not decoded again, and
+    the frames decoded here are added to it.
     """
     path = _check_file(path, backend)
     if seek not in ("auto", "seek", "sequential"):
@@ -95,7 +98,17 @@ def load_clip(path: str | Path, num_frames: int = 8, strategy: str = "uniform", 
     times = table.times if table.pts and table.repeats is None else None
     wanted = _choose_indices(path, info, times, num_frames, strategy, indices, start, end, rng)
     coded = wanted if table.repeats is None else [table.repeats[w] for w in wanted]
-    pixels = _decode_pyav(path, table, sorted(set(coded)), seek)
+    needed = sorted(set(coded))
+    if cache is None:
+        pixels = _decode_pyav(path, table, needed, seek)
+    else:
+        key = file_key(path)
+        pixels = cache.get(key, needed)
+        missing = [i for i in needed if i not in pixels]
+        if missing:
+            decoded = _decode_pyav(path, table, missing, seek)
+            cache.put(key, decoded)
+            pixels.update(decoded)
     pixels = {w: pixels[c] for w, c in zip(wanted, coded, strict=True)}
     return _assemble(wanted, pixels, num_frames if indices is None else len(wanted), info)
 

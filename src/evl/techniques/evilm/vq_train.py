@@ -150,7 +150,7 @@ def _job(recipe: VQRecipe):
     torch.manual_seed(recipe.train.seed)
     tokenizer = VQTokenizer(cfg)
     clip = ClipSettings(num_frames=cfg.video.num_frames, size=cfg.video.image_size, train=True,
-                        backend=recipe.data.backend)
+                        backend=recipe.data.backend, cache_mb=recipe.data.frame_cache_mb)
     data = VideoTextDataset.from_file(recipe.data.train, recipe.data.videos, clip, "none", recipe.data.format,
                                       replace_bad=8, split=recipe.data.split)
     collate = Collator(None)

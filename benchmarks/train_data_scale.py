@@ -1,0 +1,158 @@
+"""Same pre-training compute, more distinct training clips: does the quickstart's recipe gain from a larger
+train split? (issue 21: the quickstart trains 471 steps × 32 samples on 350 clips, i.e. each clip ~43 times.)
+
+One SynthVL draw (seed 0): TRAIN_MAX train / 50 val / 1,000 test clips (half of the test clips with held-out
+colour×shape×verb triples). A condition with n training clips keeps the first n training clips of that draw
+(every annotation file of the train split filtered to them; val and test files whole), so every condition is
+evaluated on the same 1,000 test clips. Each condition trains the quickstart's pre-training recipe
+(`pretrain-tiny-lit`, its packaged 471 steps: the step count, hence the compute, is the same for every n)
+with ≥ 3 seeds and is evaluated zero-shot (every test caption against the 1,000 test clips);
+`--finetune` adds the quickstart's fine-tuning (retrieval 70 steps, QA 150 steps, on the same n clips) and
+its fine-tuned R@1, QA and 5-way MC on the test split.
+
+    python benchmarks/train_data_scale.py [--train-clips 350 1400] [--seeds 0 1 2] [--finetune]
+
+Rows are cached in WORK/rows.jsonl (a killed run resumes); after every row the summary is rewritten to
+benchmarks/results/train_data_scale.json: mean and 95% bootstrap interval (seeds, then captions) of
+zero-shot R@1, and each condition minus the smallest one, paired by seed and caption. Precision: whatever
+`auto` gives unless EVL_PRECISION is set (recorded in the meta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from efficiency_sweep import bootstrap, finetune, paired, recipe, zero_shot  # noqa: E402
+
+RESULTS = HERE / "results" / "train_data_scale.json"
+TRAIN_MAX, VAL, TEST = 1400, 50, 1000
+CANDIDATE = "lit"     # efficiency_sweep's name of the quickstart's recipe (pretrain-tiny-lit)
+STEPS = 471           # that recipe's packaged step count
+
+
+def full_data(work: Path) -> Path:
+    from evl.data.synthetic import SynthConfig, write_synthvl
+
+    d = work / "synthvl"
+    if not (d / "meta.json").is_file():
+        write_synthvl(d, clips=TRAIN_MAX + VAL + TEST, seed=0,
+                      cfg=SynthConfig(split_fractions=(TRAIN_MAX, VAL, TEST)), workers=2)
+    return d
+
+
+def subset(full: Path, n: int, work: Path) -> Path:
+    """A data folder whose train-split annotation files keep only the first n training clips."""
+    d = work / f"data-{n}"
+    ann = d / "annotations"
+    if (d / "done").is_file():
+        return d
+    ann.mkdir(parents=True, exist_ok=True)
+    src = full / "annotations"
+    order: list[str] = []
+    for r in json.loads((src / "pretrain.json").read_text()):
+        if r["video"] not in order:
+            order.append(r["video"])
+    if n > len(order):
+        raise SystemExit(f"--train-clips {n}: the draw has only {len(order)} training clips")
+    keep = set(order[:n])
+    for f in sorted(src.glob("*.json")):
+        records = json.loads(f.read_text())
+        if f.name == "pretrain.json" or f.stem.endswith("_train"):
+            records = [r for r in records if r["video"] in keep]
+        (ann / f.name).write_text(json.dumps(records))
+    videos = d / "videos"
+    if not videos.exists():
+        videos.symlink_to((full / "videos").resolve(), target_is_directory=True)
+    (d / "done").write_text("")
+    return d
+
+
+def summarise(rows: list[dict]) -> dict:
+    runs = [r for r in rows if r["kind"] == "run"]
+    sizes = sorted({r["train_clips"] for r in runs})
+    hits = {n: {r["seed"]: (np.array(r["ranks"]) == 1).astype(float) for r in runs if r["train_clips"] == n}
+            for n in sizes}
+    out = []
+    for n in sizes:
+        e = {"train_clips": n, "seeds": sorted(hits[n]), "zs_r1": round(100 * float(np.mean([h.mean() for h in hits[n].values()])), 1),
+             "zs_r1_ci95": list(bootstrap(hits[n])),
+             "zs_r10": round(float(np.mean([100 * np.mean(np.array(r["ranks"]) <= 10) for r in runs if r["train_clips"] == n])), 1),
+             "train_s": [r["train_s"] for r in runs if r["train_clips"] == n]}
+        if n != sizes[0]:
+            e["minus_smallest"] = paired(hits[n], hits[sizes[0]])
+        ft = [r for r in rows if r["kind"] == "finetune" and r["train_clips"] == n]
+        if ft:
+            for key in ("ft_t2v_r1", "qa", "mc"):
+                vals = [r[key] for r in ft]
+                e[key] = {"mean": round(float(np.mean(vals)), 1), "per_seed": {r["seed"]: round(r[key], 1) for r in ft},
+                          "sd": round(float(np.std(vals, ddof=1)), 1) if len(vals) > 1 else None}
+            e["qa_per_type_majority"] = round(float(np.mean([r["qa_per_type_majority"] for r in ft])), 1)
+        out.append(e)
+    return {"summary": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-clips", nargs="+", type=int, default=[350, 1400])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--work", type=Path, default=Path("runs/train_data_scale"))
+    ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    from _meta import finish_meta, run_meta
+
+    from evl.precision import resolve_precision
+    from evl.recipes import run_recipe
+
+    meta = run_meta(seeds=args.seeds, precision=resolve_precision("auto", "cpu").name)
+    meta["evl_precision_env"] = os.environ.get("EVL_PRECISION")
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / "rows.jsonl"
+    rows = [json.loads(x) for x in cache.read_text().splitlines() if x.strip()] if cache.is_file() else []
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    metas = previous.get("meta_runs", [])
+
+    def have(**key) -> dict | None:
+        return next((r for r in rows if all(r.get(k) == v for k, v in key.items())), None)
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        with cache.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        out = {"settings": {"train_max": TRAIN_MAX, "val": VAL, "test": TEST, "recipe": "pretrain-tiny-lit",
+                            "steps": STEPS, "synthvl_seed": 0},
+               "meta_runs": [*metas, finish_meta(dict(meta))], **summarise(rows),
+               "rows": [{k: v for k, v in r.items() if k not in ("ranks", "compositional")} for r in rows]}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "compositional")}), flush=True)
+
+    full = full_data(args.work)
+    for seed in args.seeds:
+        for n in args.train_clips:
+            data = subset(full, n, args.work)
+            out = args.work / "runs" / f"n{n}-s{seed}"
+            if not have(kind="run", train_clips=n, seed=seed):
+                t0 = time.perf_counter()
+                res = run_recipe(recipe(CANDIDATE, data, out, STEPS, seed), evaluate=False)
+                zs = zero_shot(res["checkpoint"], data)
+                add({"kind": "run", "train_clips": n, "seed": seed, "steps": res["steps"],
+                     "train_s": round(res["train_time_s"], 1), "final_losses": res["final_losses"],
+                     "wall_s": round(time.perf_counter() - t0, 1),
+                     "zs_r1": round(100 * float(np.mean(np.array(zs["ranks"]) == 1)), 2), **zs})
+            if args.finetune and not have(kind="finetune", train_clips=n, seed=seed):
+                ft = finetune(str(out / "final"), data, out / "ft", seed)
+                add({"kind": "finetune", "train_clips": n, "seed": seed, **ft})
+
+
+if __name__ == "__main__":
+    main()
