@@ -10,13 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from tests.test_video import decoded_indices, indexed_video
 
 from evl.data import video_pyav
 from evl.data.datasets import DataConfig
 from evl.data.frame_cache import FrameCache, frame_cache
 from evl.data.video import load_clip
 from evl.errors import ConfigError, VideoDecodeError
-from tests.test_video import decoded_indices, indexed_video
 
 
 def _frame(value: int, nbytes: int = 100) -> np.ndarray:

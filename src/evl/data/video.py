@@ -33,6 +33,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from evl.data.frame_cache import FrameCache, file_key
 from evl.data.video_base import (
     BACKENDS,
     STRATEGIES,
@@ -53,7 +54,6 @@ from evl.data.video_decord import (
     _open_decord,
     _verify_decord,
 )
-from evl.data.frame_cache import FrameCache, file_key
 from evl.data.video_pyav import _decode_pyav, _frames, _pyav_open, _pyav_table
 from evl.errors import VideoDecodeError
 
