@@ -11,6 +11,10 @@ with ≥ 3 seeds and is evaluated zero-shot (every test caption against the 1,00
 its fine-tuned R@1, QA and 5-way MC on the test split.
 
     python benchmarks/train_data_scale.py [--train-clips 350 1400] [--seeds 0 1 2] [--finetune]
+        [--steps 471] [--cache-mb 0]
+
+`--steps` / `--cache-mb` (`data.frame_cache_mb`) name another condition: e.g. more steps with the frame
+cache on, in the wall-clock the uncached 471 steps took (the `train_s` column says whether it held).
 
 Rows are cached in WORK/rows.jsonl (a killed run resumes); after every row the summary is rewritten to
 benchmarks/results/train_data_scale.json: mean and 95% bootstrap interval (seeds, then captions) of
@@ -77,20 +81,28 @@ def subset(full: Path, n: int, work: Path) -> Path:
     return d
 
 
+def condition(r: dict) -> tuple[int, int, float]:
+    return (r["train_clips"], r.get("steps_asked", STEPS), r.get("cache_mb", 0))
+
+
 def summarise(rows: list[dict]) -> dict:
     runs = [r for r in rows if r["kind"] == "run"]
-    sizes = sorted({r["train_clips"] for r in runs})
-    hits = {n: {r["seed"]: (np.array(r["ranks"]) == 1).astype(float) for r in runs if r["train_clips"] == n}
-            for n in sizes}
+    conds = sorted({condition(r) for r in runs})
+    hits = {c: {r["seed"]: (np.array(r["ranks"]) == 1).astype(float) for r in runs if condition(r) == c}
+            for c in conds}
+    base = (min(c[0] for c in conds), STEPS, 0) if conds else None
     out = []
-    for n in sizes:
-        e = {"train_clips": n, "seeds": sorted(hits[n]), "zs_r1": round(100 * float(np.mean([h.mean() for h in hits[n].values()])), 1),
-             "zs_r1_ci95": list(bootstrap(hits[n])),
-             "zs_r10": round(float(np.mean([100 * np.mean(np.array(r["ranks"]) <= 10) for r in runs if r["train_clips"] == n])), 1),
-             "train_s": [r["train_s"] for r in runs if r["train_clips"] == n]}
-        if n != sizes[0]:
-            e["minus_smallest"] = paired(hits[n], hits[sizes[0]])
-        ft = [r for r in rows if r["kind"] == "finetune" and r["train_clips"] == n]
+    for c in conds:
+        mine = [r for r in runs if condition(r) == c]
+        e = {"train_clips": c[0], "steps": c[1], "cache_mb": c[2], "seeds": sorted(hits[c]),
+             "zs_r1": round(100 * float(np.mean([h.mean() for h in hits[c].values()])), 1),
+             "zs_r1_ci95": list(bootstrap(hits[c])),
+             "zs_r10": round(float(np.mean([100 * np.mean(np.array(r["ranks"]) <= 10) for r in mine])), 1),
+             "train_s": [r["train_s"] for r in mine]}
+        if c != base and base in hits:
+            e["minus_base"] = {"base": {"train_clips": base[0], "steps": base[1], "cache_mb": base[2]},
+                               **paired(hits[c], hits[base])}
+        ft = [r for r in rows if r["kind"] == "finetune" and condition(r) == c]
         if ft:
             for key in ("ft_t2v_r1", "qa", "mc"):
                 vals = [r[key] for r in ft]
@@ -107,6 +119,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=Path("runs/train_data_scale"))
     ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--cache-mb", type=float, default=0)
     ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args()
     from _meta import finish_meta, run_meta
@@ -122,8 +136,8 @@ def main() -> None:
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     metas = previous.get("meta_runs", [])
 
-    def have(**key) -> dict | None:
-        return next((r for r in rows if all(r.get(k) == v for k, v in key.items())), None)
+    def done(kind: str, seed: int, cond: tuple) -> bool:
+        return any(r["kind"] == kind and r["seed"] == seed and condition(r) == cond for r in rows)
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -140,18 +154,24 @@ def main() -> None:
     for seed in args.seeds:
         for n in args.train_clips:
             data = subset(full, n, args.work)
-            out = args.work / "runs" / f"n{n}-s{seed}"
-            if not have(kind="run", train_clips=n, seed=seed):
+            cond = (n, args.steps, args.cache_mb)
+            tag = f"n{n}-s{seed}" if cond[1:] == (STEPS, 0) else f"n{n}-t{args.steps}-c{args.cache_mb:g}-s{seed}"
+            out = args.work / "runs" / tag
+
+            if not done("run", seed, cond):
                 t0 = time.perf_counter()
-                res = run_recipe(recipe(CANDIDATE, data, out, STEPS, seed), evaluate=False)
+                res = run_recipe(recipe(CANDIDATE, data, out, args.steps, seed, [f"data.frame_cache_mb={args.cache_mb}"]),
+                                 evaluate=False)
                 zs = zero_shot(res["checkpoint"], data)
-                add({"kind": "run", "train_clips": n, "seed": seed, "steps": res["steps"],
+                add({"kind": "run", "train_clips": n, "steps_asked": args.steps, "cache_mb": args.cache_mb,
+                     "seed": seed, "steps": res["steps"],
                      "train_s": round(res["train_time_s"], 1), "final_losses": res["final_losses"],
                      "wall_s": round(time.perf_counter() - t0, 1),
                      "zs_r1": round(100 * float(np.mean(np.array(zs["ranks"]) == 1)), 2), **zs})
-            if args.finetune and not have(kind="finetune", train_clips=n, seed=seed):
+            if args.finetune and not done("finetune", seed, cond):
                 ft = finetune(str(out / "final"), data, out / "ft", seed)
-                add({"kind": "finetune", "train_clips": n, "seed": seed, **ft})
+                add({"kind": "finetune", "train_clips": n, "steps_asked": args.steps, "cache_mb": args.cache_mb,
+                     "seed": seed, **ft})
 
 
 if __name__ == "__main__":

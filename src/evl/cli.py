@@ -15,6 +15,7 @@ from evl.cli_common import fail as _fail
 from evl.config import MAX_BENCH_BATCH
 from evl.data import MAX_FRAMES, MAX_SYNTH_CLIPS, MAX_SYNTH_SIZE
 from evl.errors import EvlError
+from evl.quickstart import DEFAULT_CLIPS
 from evl.techniques.evilm import cli as evilm_cli
 from evl.techniques.vlap import cli as vlap_cli
 
@@ -393,7 +394,8 @@ def evaluate(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder for data, checkpoints and report."),
-    clips: int = typer.Option(500, "--clips", help=f"SynthVL clips to generate (60 to {MAX_SYNTH_CLIPS})."),
+    clips: int = typer.Option(DEFAULT_CLIPS, "--clips", help=f"SynthVL clips to generate (60 to {MAX_SYNTH_CLIPS}): "
+                              "70/10/20% train/val/test of the first 500, every further clip for training."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="Pre-training steps (default: the recipe's)."),
     retrieval_steps: int | None = typer.Option(None, "--retrieval-steps", help="Retrieval fine-tuning steps."),

@@ -16,6 +16,7 @@ from pathlib import Path
 from evl.config import to_dict
 from evl.errors import ConfigError, EvlError
 
+DEFAULT_CLIPS = 1550   # 1,400 train / 50 val / 100 test (quickstart_splits)
 PRETRAIN_RECIPE = "pretrain-tiny-lit"   # benchmarks/efficiency_sweep.py: most accurate at the quickstart budget
 
 
@@ -143,12 +144,21 @@ def pretrain_recipe_checked(name: str):
     return cfg
 
 
-def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: int | None = None,
+def quickstart_splits(clips: int) -> tuple[int, int, int]:
+    """(train, val, test) clips of the quickstart's SynthVL draw: 70/10/20% of the first 500 clips, and every
+    clip beyond 500 in the training split — the test split stays at 100 clips, so its figures stay comparable
+    while more training clips buy accuracy (`benchmarks/train_data_scale.py`)."""
+    base = min(clips, 500)
+    val, test = max(1, round(0.1 * base)), max(1, round(0.2 * base))
+    return clips - val - test, val, test
+
+
+def run_quickstart(out: Path, clips: int = DEFAULT_CLIPS, seed: int = 0, pretrain_steps: int | None = None,
                    retrieval_steps: int | None = None, qa_steps: int | None = None,
                    pretrain_recipe: str = PRETRAIN_RECIPE) -> dict:
     from evl.data import MAX_SYNTH_CLIPS
     from evl.data.check import check_annotations
-    from evl.data.synthetic import write_synthvl
+    from evl.data.synthetic import SynthConfig, write_synthvl
     from evl.data.text import tokenizer_for
     from evl.efficiency import count_parameters, gflops_per_clip
     from evl.models.model import VideoLanguageModel
@@ -157,7 +167,7 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
 
     if clips < 60:
         raise EvlError(f"--clips {clips} is too few: the fine-tuning recipes need at least one batch of 32 "
-                       "training clips (70% of --clips); use --clips 60 or more (default 500)")
+                       f"training clips (70% of --clips); use --clips 60 or more (default {DEFAULT_CLIPS})")
     if clips > MAX_SYNTH_CLIPS:
         raise EvlError(f"--clips {clips}: at most {MAX_SYNTH_CLIPS} SynthVL clips")
     if seed < 0:
@@ -175,7 +185,8 @@ def run_quickstart(out: Path, clips: int = 500, seed: int = 0, pretrain_steps: i
     _stage(f"1/5 synthesise SynthVL ({clips} clips, seed {seed})")
     t0 = time.perf_counter()
     data = out / "synthvl"
-    synth = write_synthvl(data, clips=clips, seed=seed, frames=16, size=64)
+    synth = write_synthvl(data, clips=clips, seed=seed, cfg=SynthConfig(frames=16, size=64,
+                                                                        split_fractions=quickstart_splits(clips)))
     check = check_annotations(data / "annotations" / "retrieval_test.json", videos_dir=data / "videos")
     print(f"splits {synth['splits']}; test check: {check['records']} records, {check['videos']} videos, "
           f"{check['missing']} missing, {check['undecodable']} undecodable", flush=True)

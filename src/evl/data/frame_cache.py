@@ -11,7 +11,8 @@ Keys are (absolute path, size, mtime, frame index), so a rewritten file is decod
 used frames are dropped when the budget is full (a frame larger than the whole budget is not kept). The
 cache belongs to the process that decodes: with `train.num_workers: 0` (the recipes' default) one cache
 serves every epoch and every training stage of the process; a DataLoader worker keeps its own, which
-lives as long as the worker. A corrupt file raises before anything is stored.
+lives as long as the worker (the Trainer starts its workers afresh each epoch, so with workers the cache
+saves little). A corrupt file raises before anything is stored.
 """
 
 from __future__ import annotations
