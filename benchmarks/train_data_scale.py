@@ -113,6 +113,25 @@ def summarise(rows: list[dict]) -> dict:
     return {"summary": out}
 
 
+def markdown(summary: list[dict]) -> str:
+    def ft(e: dict, key: str) -> str:
+        if key not in e:
+            return "—"
+        v = e[key]
+        return f"{v['mean']:.1f} (sd {v['sd']:.1f})" if v.get("sd") is not None else f"{v['mean']:.1f}"
+
+    lines = ["| train clips | steps | frame cache | train s (per seed) | zero-shot R@1 [95% CI] | − 350 clips / 471 steps, paired "
+             "| R@10 | fine-tuned R@1 | QA | MC (chance 20) | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        d = e.get("minus_base")
+        diff = f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "—"
+        cache = f"{e['cache_mb']:g} MB" if e["cache_mb"] else "off"
+        lines.append(f"| {e['train_clips']} | {e['steps']} | {cache} | {' / '.join(f'{t:.0f}' for t in e['train_s'])} "
+                     f"| {e['zs_r1']:.1f} [{e['zs_r1_ci95'][0]:.1f}, {e['zs_r1_ci95'][1]:.1f}] | {diff} | {e['zs_r10']:.1f} "
+                     f"| {ft(e, 'ft_t2v_r1')} | {ft(e, 'qa')} | {ft(e, 'mc')} | {len(e['seeds'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-clips", nargs="+", type=int, default=[350, 1400])
@@ -122,7 +141,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--cache-mb", type=float, default=0)
     ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the docs' table from --json and stop")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.json.read_text())["summary"]))
+        return
     from _meta import finish_meta, run_meta
 
     from evl.precision import resolve_precision
