@@ -52,6 +52,10 @@ CANDIDATES = {
     "lit-p8": ["model.video.patch_size=8"],
     "lit+neg-p8": ["model.video.patch_size=8", "objectives.neg_vtc.weight=1", f"objectives.neg_vtc.kinds={ALL}",
                    "objectives.neg_vtc.count=2"],
+    # a convolutional stem (two stride-2 3x3 convs per frame) before the same 16-pixel tubelet grid
+    "lit-stem": ["model.video.conv_stem=32"],
+    "lit+neg-stem": ["model.video.conv_stem=32", "objectives.neg_vtc.weight=1", f"objectives.neg_vtc.kinds={ALL}",
+                     "objectives.neg_vtc.count=2"],
 }
 ALT_VERBS = {"move_left": "is heading towards the left", "move_right": "is heading towards the right",
              "move_up": "is heading upwards", "move_down": "is heading downwards", "grow": "gets larger",

@@ -175,6 +175,26 @@ def test_lit_recipe_trains_only_above_the_lock(one_torch_thread, synthvl, tmp_pa
     assert above and any(not torch.equal(final[k], first[k]) for k in above)
 
 
+def test_conv_stem_recipe_trains_the_stem_and_reloads_it(one_torch_thread, synthvl, tmp_path, recipe_model):
+    """`model.video.conv_stem` as a recipe override: the stem is trained, saved and read back by evl.load."""
+    import evl
+    from evl.checkpoint import load_tensors
+
+    model = {**recipe_model, "video": {**recipe_model["video"], "conv_stem": 8}}
+    cfg = load_recipe("pretrain-tiny-lit", tiny_recipe(synthvl, tmp_path, "pretrain", "pretrain.json",
+                                                       "retrieval_test.json", 2, model)
+                      + ["train.precision=fp32", "train.ckpt_every=1"])
+    out = run_recipe(cfg, evaluate=False)
+    first = load_tensors(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors")
+    first = {k.removeprefix("model."): v for k, v in first.items()}
+    final = load_tensors(Path(out["checkpoint"]) / "model.safetensors")
+    stem = [k for k in final if k.startswith("video.stem.")]
+    assert len(stem) == 4 and all(not torch.equal(final[k], first[k]) for k in stem)
+    loaded = evl.load(out["checkpoint"])
+    assert loaded.model.cfg.video.conv_stem == 8
+    assert all(torch.equal(loaded.model.state_dict()[k], final[k]) for k in stem)
+
+
 def test_run_recipe_pretrain_end_to_end(pretrain_run):
     out_dir, summary = pretrain_run
     assert summary["task"] == "pretrain" and summary["steps"] == 3

@@ -68,9 +68,11 @@ def test_config_errors():
     assert VideoEncoderConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_keep_index_equals_attention_restricted_to_kept_tokens():
-    """Joint layout: dropping tokens up front == running all tokens with only the kept ones as keys."""
-    enc = make()
+@pytest.mark.parametrize("stem", [0, 8])
+def test_keep_index_equals_attention_restricted_to_kept_tokens(stem):
+    """Joint layout: dropping tokens up front == running all tokens with only the kept ones as keys
+    (with a convolutional stem too: the kept-patch projection reads the stem's map)."""
+    enc = make(conv_stem=stem)
     frames = clip()
     g = torch.Generator().manual_seed(3)
     keep = torch.stack([torch.randperm(32, generator=g)[:11] for _ in range(2)])
@@ -87,6 +89,31 @@ def test_keep_index_equals_attention_restricted_to_kept_tokens():
     torch.testing.assert_close(dropped[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dropped[:, 1:], full.gather(1, (keep + 1)[..., None].expand(-1, -1, 32)),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_keeps_the_token_grid():
+    """conv_stem: two stride-2 3×3 convs per frame, then a (tubelet, patch/4, patch/4) projection — the
+    same tokens and grid as linear patches; its parameters are what the config says."""
+    enc = make(conv_stem=8)
+    out = enc(clip())
+    assert out.tokens.shape == (2, 1 + 2 * 4 * 4, 32) and out.grid == (2, 4, 4)
+    assert enc.stem.conv1.weight.shape == (4, 3, 3, 3) and enc.stem.conv2.weight.shape == (8, 4, 3, 3)
+    assert enc.patch_embed.weight.shape == (32, 8, 2, 2, 2) and enc.patch_embed.stride == (2, 2, 2)
+    assert make().stem is None and make().patch_embed.weight.shape == (32, 3, 2, 8, 8)
+    # the stem is what the tubelet projection reads: stem output zeroed → every patch embedding = bias
+    with torch.no_grad():
+        for p in enc.stem.parameters():
+            p.zero_()
+        x = enc.embed(clip()).x[:, 1:] - enc.pos_embed(out.grid)[None]
+    torch.testing.assert_close(x, enc.patch_embed.bias.expand_as(x).detach())
+    cfg = VideoEncoderConfig.from_dict({**TINY, "conv_stem": 8})
+    assert VideoEncoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="patch_size a multiple of 4"):
+        VideoEncoderConfig(**{**TINY, "image_size": 36, "patch_size": 6, "conv_stem": 8})
+    with pytest.raises(ConfigError, match="even width"):
+        VideoEncoderConfig(**TINY, conv_stem=7)
+    with pytest.raises(ConfigError, match="conv_stem"):
+        VideoEncoderConfig(**TINY, conv_stem=-2)
 
 
 def test_keep_index_divided_needs_equal_tokens_per_slot():
@@ -108,10 +135,11 @@ def test_keep_index_divided_needs_equal_tokens_per_slot():
         torch.testing.assert_close(enc(frames, keep_index=full).tokens, enc(frames).tokens)
 
 
+@pytest.mark.parametrize("stem", [0, 8])
 @pytest.mark.parametrize("attention", ["joint", "divided"])
 @pytest.mark.parametrize("cls", [True, False])
-def test_padded_frame_values_do_not_change_valid_outputs(attention, cls):
-    enc = make(attention=attention, use_cls_token=cls)
+def test_padded_frame_values_do_not_change_valid_outputs(attention, cls, stem):
+    enc = make(attention=attention, use_cls_token=cls, conv_stem=stem)
     t = 8
     frames = clip(t=t)
     # clip 0: 5 real frames (tubelet slot 2 is half real); clip 1: 2 real frames

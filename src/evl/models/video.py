@@ -72,6 +72,10 @@ class VideoEncoderConfig:
     grad_checkpointing: bool = False
     fusion_layers: int = 0
     context_dim: int | None = None
+    # 0: each tubelet is projected linearly (ViT). C > 0: a convolutional stem first — per frame, two 3×3
+    # stride-2 convolutions (C/2 then C channels, GELU) — and the tubelet projection reads the stem's map
+    # with a (tubelet, patch/4, patch/4) kernel: same token grid, shared local detectors (`ConvStem`)
+    conv_stem: int = 0
 
     @property
     def first_fused_layer(self) -> int:
@@ -90,6 +94,10 @@ class VideoEncoderConfig:
                 raise ConfigError(f"video.{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"video.image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        check_range("video.conv_stem", self.conv_stem, 0, 1024, " channels (0 = no convolutional stem)")
+        if self.conv_stem and (self.patch_size % ConvStem.STRIDE or self.conv_stem % 2):
+            raise ConfigError(f"video.conv_stem={self.conv_stem} needs an even width and patch_size a multiple of "
+                              f"{ConvStem.STRIDE} (the stem downsamples by {ConvStem.STRIDE}); got patch_size={self.patch_size}")
         if self.num_frames % self.tubelet_size:
             raise ConfigError(f"video.num_frames {self.num_frames} is not divisible by tubelet_size {self.tubelet_size}")
         if self.hidden_size % self.num_heads:
@@ -264,6 +272,26 @@ class VideoBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------- encoder
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early convolutions help transformers see better"): each frame
+    goes through two 3×3 stride-2 convolutions before the tubelet projection, so edge and corner detectors
+    are shared across positions and an object's shape reads the same wherever it falls on the patch grid.
+    (B, T, C, H, W) → (B, T, width, H/4, W/4); frames where `frame_mask` is False come out as zeros."""
+
+    STRIDE = 4
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width // 2, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(width // 2, width, 3, stride=2, padding=1)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = frames.shape[:2]
+        x = F.gelu(self.conv2(F.gelu(self.conv1(frames.flatten(0, 1)))))
+        x = x.view(b, t, *x.shape[1:])
+        return x if frame_mask is None else x * frame_mask[:, :, None, None, None].to(x.dtype)
+
+
 class VideoEncoder(nn.Module):
     """Space-time ViT over (B, T, C, H, W) float frames; see the module docstring for the layouts."""
 
@@ -272,7 +300,10 @@ class VideoEncoder(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         p, t = cfg.patch_size, cfg.tubelet_size
-        self.patch_embed = nn.Conv3d(cfg.in_channels, d, kernel_size=(t, p, p), stride=(t, p, p))
+        self.stem = ConvStem(cfg.in_channels, cfg.conv_stem) if cfg.conv_stem else None
+        if self.stem is not None:
+            p //= ConvStem.STRIDE
+        self.patch_embed = nn.Conv3d(cfg.conv_stem or cfg.in_channels, d, kernel_size=(t, p, p), stride=(t, p, p))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls_token else None
         # replaces masked patches in masked video modelling; zero-initialised (SimMIM), so it draws
         # nothing from the RNG and a model that never masks is initialised exactly as without it
@@ -351,6 +382,8 @@ class VideoEncoder(nn.Module):
         if frame_mask is not None:
             slot_valid = frame_mask.view(b, grid[0], self.cfg.tubelet_size).any(dim=2)
             valid = slot_valid[:, :, None].expand(b, grid[0], grid[1] * grid[2]).reshape(b, -1)
+        if self.stem is not None:
+            frames = self.stem(frames, frame_mask)
         if keep_index is not None:
             # embed only the kept patches: the tubelet conv as a matmul on them (MAE's saving starts here)
             keep_index = self._check_keep_index(keep_index, b, grid, frames.device)
@@ -382,7 +415,7 @@ class VideoEncoder(nn.Module):
         from evl.models.masking import patchify
 
         conv = self.patch_embed
-        patches = patchify(frames, self.cfg.patch_size, self.cfg.tubelet_size)
+        patches = patchify(frames, conv.kernel_size[1], self.cfg.tubelet_size)
         patches = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
         weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.weight.shape[0], -1)
         return F.linear(patches, weight, conv.bias)
