@@ -9,6 +9,8 @@ lower case, plus "-amx" or "-avx512bf16" when the CPU has those bf16 units (e.g.
 quickstart_avx2.json, quickstart_avx512-amx.json). One report per CPU kind; a new run replaces the
 report of its kind.
 
+`--table A.json B.json ...` prints those reports side by side as a markdown table (before/after).
+
 Usage: python benchmarks/quickstart_report.py [--out runs/qs_avx512] [--tag NAME] [-- extra evl quickstart arguments]
 (`--tag dense -- --pretrain-recipe pretrain-tiny` keeps the dense baseline's report beside the main one.)
 """
@@ -35,7 +37,32 @@ def cpu_kind(info: dict) -> str:
     return kind
 
 
+def markdown_table(paths: list[Path]) -> str:
+    """One markdown row per committed quickstart report (the docs' before/after tables)."""
+    head = ("| report | commit | CPU, precision | pre-training | train / test clips | pre-train s | wall s "
+            "| t2v R@1 | R@10 | held-out / seen R@1 | QA | per-type majority | MC (chance 20) |")
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        meta, rep = d["meta"], d["report"]
+        steps = rep.get("train", {}).get("steps", {}).get("pretrain")
+        split = rep.get("data", {}).get("splits", {})
+        comp = rep.get("compositional", {})
+        held = "/".join(f"{comp[k]['t2v_r1']:.1f}" for k in ("held_out", "seen") if k in comp) or "—"
+        r, q = rep["retrieval"], rep["qa"]
+        rows.append(f"| `{Path(path).name}` | {meta['git_commit'][:7]} | {meta['cpu']['model'].split('(')[0].strip()} "
+                    f"{meta['cpu_kind']}, {rep['machine']['precision']} | {rep.get('pretrain_recipe', 'pretrain-tiny')}"
+                    f"{f' ({steps} steps)' if steps else ''} | {split.get('train', '?')} / {split.get('test', '?')} "
+                    f"| {rep['time_s']['pretrain']:.0f} | {meta['wall_s']:.0f} | {r['t2v_r1']:.1f} | {r['t2v_r10']:.1f} "
+                    f"| {held} | {q['accuracy']:.1f} | {q['baseline']['per_type_majority']['accuracy']:.1f} "
+                    f"| {rep['mc']['accuracy']:.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        print(markdown_table([Path(p) for p in sys.argv[2:]]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="quickstart output folder (default runs/qs_<kind>)")
     ap.add_argument("--seed", type=int, default=0)
