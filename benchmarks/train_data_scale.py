@@ -15,6 +15,8 @@ its fine-tuned R@1, QA and 5-way MC on the test split.
 
 `--steps` / `--cache-mb` (`data.frame_cache_mb`) name another condition: e.g. more steps with the frame
 cache on, in the wall-clock the uncached 471 steps took (the `train_s` column says whether it held).
+`--override KEY=VALUE ...` (recipe overrides, e.g. `model.video.conv_stem=32`) names one more: such a
+condition is also paired against the same clips/steps/cache without the overrides.
 
 Rows are cached in WORK/rows.jsonl (a killed run resumes); after every row the summary is rewritten to
 benchmarks/results/train_data_scale.json: mean and 95% bootstrap interval (seeds, then captions) of
@@ -81,8 +83,8 @@ def subset(full: Path, n: int, work: Path) -> Path:
     return d
 
 
-def condition(r: dict) -> tuple[int, int, float]:
-    return (r["train_clips"], r.get("steps_asked", STEPS), r.get("cache_mb", 0))
+def condition(r: dict) -> tuple[int, int, float, str]:
+    return (r["train_clips"], r.get("steps_asked", STEPS), r.get("cache_mb", 0), " ".join(r.get("overrides", [])))
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -90,11 +92,12 @@ def summarise(rows: list[dict]) -> dict:
     conds = sorted({condition(r) for r in runs})
     hits = {c: {r["seed"]: (np.array(r["ranks"]) == 1).astype(float) for r in runs if condition(r) == c}
             for c in conds}
-    base = (min(c[0] for c in conds), STEPS, 0) if conds else None
+    base = (min(c[0] for c in conds), STEPS, 0, "") if conds else None
     out = []
     for c in conds:
         mine = [r for r in runs if condition(r) == c]
-        e = {"train_clips": c[0], "steps": c[1], "cache_mb": c[2], "seeds": sorted(hits[c]),
+        e = {"train_clips": c[0], "steps": c[1], "cache_mb": c[2], **({"overrides": c[3].split()} if c[3] else {}),
+             "seeds": sorted(hits[c]),
              "zs_r1": round(100 * float(np.mean([h.mean() for h in hits[c].values()])), 1),
              "zs_r1_ci95": list(bootstrap(hits[c])),
              "zs_r10": round(float(np.mean([100 * np.mean(np.array(r["ranks"]) <= 10) for r in mine])), 1),
@@ -102,6 +105,9 @@ def summarise(rows: list[dict]) -> dict:
         if c != base and base in hits:
             e["minus_base"] = {"base": {"train_clips": base[0], "steps": base[1], "cache_mb": base[2]},
                                **paired(hits[c], hits[base])}
+        plain = (*c[:3], "")
+        if c[3] and plain in hits:
+            e["minus_without_overrides"] = paired(hits[c], hits[plain])
         ft = [r for r in rows if r["kind"] == "finetune" and condition(r) == c]
         if ft:
             for key in ("ft_t2v_r1", "qa", "mc"):
@@ -120,15 +126,21 @@ def markdown(summary: list[dict]) -> str:
         v = e[key]
         return f"{v['mean']:.1f} (sd {v['sd']:.1f})" if v.get("sd") is not None else f"{v['mean']:.1f}"
 
-    lines = ["| train clips | steps | frame cache | train s (per seed) | zero-shot R@1 [95% CI] | − 350 clips / 471 steps, paired "
-             "| R@10 | fine-tuned R@1 | QA | MC (chance 20) | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def diff(d: dict | None) -> str:
+        return f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "—"
+
+    extra = any("overrides" in e for e in summary)
+    lines = ["| train clips | steps | frame cache | " + ("overrides | " if extra else "") + "train s (per seed) "
+             "| zero-shot R@1 [95% CI] | − 350 clips / 471 steps, paired | " + ("− without overrides, paired | " if extra else "")
+             + "R@10 | fine-tuned R@1 | QA | MC (chance 20) | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|---|" if extra else "")]
     for e in summary:
-        d = e.get("minus_base")
-        diff = f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "—"
         cache = f"{e['cache_mb']:g} MB" if e["cache_mb"] else "off"
-        lines.append(f"| {e['train_clips']} | {e['steps']} | {cache} | {' / '.join(f'{t:.0f}' for t in e['train_s'])} "
-                     f"| {e['zs_r1']:.1f} [{e['zs_r1_ci95'][0]:.1f}, {e['zs_r1_ci95'][1]:.1f}] | {diff} | {e['zs_r10']:.1f} "
-                     f"| {ft(e, 'ft_t2v_r1')} | {ft(e, 'qa')} | {ft(e, 'mc')} | {len(e['seeds'])} |")
+        over = (f"{' '.join(e.get('overrides', [])) or '—'} | " if extra else "")
+        lines.append(f"| {e['train_clips']} | {e['steps']} | {cache} | {over}{' / '.join(f'{t:.0f}' for t in e['train_s'])} "
+                     f"| {e['zs_r1']:.1f} [{e['zs_r1_ci95'][0]:.1f}, {e['zs_r1_ci95'][1]:.1f}] | {diff(e.get('minus_base'))} | "
+                     + (f"{diff(e.get('minus_without_overrides'))} | " if extra else "")
+                     + f"{e['zs_r10']:.1f} | {ft(e, 'ft_t2v_r1')} | {ft(e, 'qa')} | {ft(e, 'mc')} | {len(e['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -140,6 +152,7 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--cache-mb", type=float, default=0)
+    ap.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides of this condition")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the docs' table from --json and stop")
     args = ap.parse_args()
@@ -177,24 +190,26 @@ def main() -> None:
     for seed in args.seeds:
         for n in args.train_clips:
             data = subset(full, n, args.work)
-            cond = (n, args.steps, args.cache_mb)
-            tag = f"n{n}-s{seed}" if cond[1:] == (STEPS, 0) else f"n{n}-t{args.steps}-c{args.cache_mb:g}-s{seed}"
+            cond = (n, args.steps, args.cache_mb, " ".join(args.override))
+            tag = f"n{n}-s{seed}" if cond[1:3] == (STEPS, 0) else f"n{n}-t{args.steps}-c{args.cache_mb:g}-s{seed}"
+            tag += "".join(f"-{o.replace('=', '_')}" for o in args.override)
             out = args.work / "runs" / tag
 
             if not done("run", seed, cond):
                 t0 = time.perf_counter()
-                res = run_recipe(recipe(CANDIDATE, data, out, args.steps, seed, [f"data.frame_cache_mb={args.cache_mb}"]),
+                res = run_recipe(recipe(CANDIDATE, data, out, args.steps, seed,
+                                        [f"data.frame_cache_mb={args.cache_mb}", *args.override]),
                                  evaluate=False)
                 zs = zero_shot(res["checkpoint"], data)
                 add({"kind": "run", "train_clips": n, "steps_asked": args.steps, "cache_mb": args.cache_mb,
-                     "seed": seed, "steps": res["steps"],
+                     **({"overrides": args.override} if args.override else {}), "seed": seed, "steps": res["steps"],
                      "train_s": round(res["train_time_s"], 1), "final_losses": res["final_losses"],
                      "wall_s": round(time.perf_counter() - t0, 1),
                      "zs_r1": round(100 * float(np.mean(np.array(zs["ranks"]) == 1)), 2), **zs})
             if args.finetune and not done("finetune", seed, cond):
                 ft = finetune(str(out / "final"), data, out / "ft", seed)
                 add({"kind": "finetune", "train_clips": n, "steps_asked": args.steps, "cache_mb": args.cache_mb,
-                     "seed": seed, **ft})
+                     **({"overrides": args.override} if args.override else {}), "seed": seed, **ft})
 
 
 if __name__ == "__main__":
