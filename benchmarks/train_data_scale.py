@@ -105,9 +105,10 @@ def summarise(rows: list[dict]) -> dict:
         if c != base and base in hits:
             e["minus_base"] = {"base": {"train_clips": base[0], "steps": base[1], "cache_mb": base[2]},
                                **paired(hits[c], hits[base])}
-        plain = (*c[:3], "")
-        if c[3] and plain in hits:
-            e["minus_without_overrides"] = paired(hits[c], hits[plain])
+        plain = [p for p in conds if p[3] == "" and p[0] == c[0] and p[2] == c[2]]
+        if c[3] and plain:   # the same clips and cache without the overrides (the most steps: the equal-minutes base)
+            ref = max(plain, key=lambda p: p[1])
+            e["minus_without_overrides"] = {"steps": ref[1], **paired(hits[c], hits[ref])}
         ft = [r for r in rows if r["kind"] == "finetune" and condition(r) == c]
         if ft:
             for key in ("ft_t2v_r1", "qa", "mc"):
@@ -127,11 +128,12 @@ def markdown(summary: list[dict]) -> str:
         return f"{v['mean']:.1f} (sd {v['sd']:.1f})" if v.get("sd") is not None else f"{v['mean']:.1f}"
 
     def diff(d: dict | None) -> str:
-        return f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "—"
+        return (f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" + (f" ({d['steps']})" if "steps" in d else "")
+                if d else "—")
 
     extra = any("overrides" in e for e in summary)
     lines = ["| train clips | steps | frame cache | " + ("overrides | " if extra else "") + "train s (per seed) "
-             "| zero-shot R@1 [95% CI] | − 350 clips / 471 steps, paired | " + ("− without overrides, paired | " if extra else "")
+             "| zero-shot R@1 [95% CI] | − 350 clips / 471 steps, paired | " + ("− no overrides (same clips, cache; steps), paired | " if extra else "")
              + "R@10 | fine-tuned R@1 | QA | MC (chance 20) | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"
              + ("---|---|" if extra else "")]
     for e in summary:

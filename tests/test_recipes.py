@@ -36,6 +36,7 @@ def test_efficiency_recipes_values():
     vtc, lit = load_recipe("pretrain-tiny-vtc"), load_recipe("pretrain-tiny-lit")
     assert vtc.objectives == lit.objectives == {"vtc": 1.0}
     assert (vtc.model.text.locked_layers, lit.model.text.locked_layers) == (0, 1)
+    assert (vtc.model.video.conv_stem, lit.model.video.conv_stem) == (0, 32)   # the quickstart's recipe has the stem
     assert load_recipe("pretrain-tiny-lit", ["model.text.locked_layers=2"]).model.text.locked_layers == 2
 
 
