@@ -382,7 +382,7 @@ class VideoEncoder(nn.Module):
         if frame_mask is not None:
             slot_valid = frame_mask.view(b, grid[0], self.cfg.tubelet_size).any(dim=2)
             valid = slot_valid[:, :, None].expand(b, grid[0], grid[1] * grid[2]).reshape(b, -1)
-        if self.stem is not None:
+        if self.stem is not None:   # runs on whole frames: with keep_index only the projection is saved
             frames = self.stem(frames, frame_mask)
         if keep_index is not None:
             # embed only the kept patches: the tubelet conv as a matmul on them (MAE's saving starts here)
