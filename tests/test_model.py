@@ -501,3 +501,56 @@ def test_vtm_negatives_exclude_verb_noun_pairs_only_with_egonce(tiny_model_confi
                                                                             "clip_keys": ["a", "b", "c", "d"]})
     assert bool(seen["mask"][0, 1]) == bool(egonce) and bool(seen["mask"][1, 0]) == bool(egonce)
     assert not seen["mask"][0, 2] and seen["mask"].diagonal().all()   # the pair itself is always excluded
+
+
+# ------------------------------------------------------------------------------------------ fusion.dual_residual
+
+
+def _with_dual_residual(m: VideoLanguageModel) -> VideoLanguageModel:
+    """`m` rebuilt with fusion.dual_residual, every shared weight copied."""
+    import dataclasses
+
+    cfg = dataclasses.replace(m.cfg, fusion=dataclasses.replace(m.cfg.fusion, dual_residual=True))
+    m2 = VideoLanguageModel(cfg)
+    missing, unexpected = m2.load_state_dict(m.state_dict(), strict=False)
+    assert sorted(missing) == ["dual_residual.proj.bias", "dual_residual.proj.weight"] and not unexpected
+    return m2.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dual_residual_starts_as_identity_and_adds_the_projected_product(tiny_model_config, kind):
+    m = make_model(tiny_model_config, kind)
+    m.set_num_answers(4)
+    m.eval()
+    m2 = _with_dual_residual(m)
+    frames, fm, ids, mask = inputs()
+    with torch.no_grad():
+        vf, tf = m.video_features(frames, fm), m.text_features(ids, mask)
+        # zero-initialised: the same matching logits and answers as without the option
+        assert torch.equal(m2.score_pairs(vf, tf), m.score_pairs(vf, tf))
+        assert torch.equal(m2.answer(vf, tf), m.answer(vf, tf))
+        # with weights: pooled + W (v * t * embed_dim) + b, computed by hand
+        w = torch.randn_like(m2.dual_residual.proj.weight)
+        m2.dual_residual.proj.weight.copy_(w)
+        m2.dual_residual.proj.bias.fill_(0.5)
+        expect = m.fuse(vf, tf).pooled + (vf.emb * tf.emb * 16) @ w.T + 0.5
+        torch.testing.assert_close(m2.fuse(vf, tf).pooled, expect, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(m2.score_pairs(vf, tf), m.score_pairs(vf, tf))
+
+
+def test_dual_residual_trains_and_round_trips(tiny_model_config, tmp_path):
+    m2 = _with_dual_residual(make_model(tiny_model_config, "encoder")).train()
+    objective(m2, vtc=1.0, vtm=1.0)(train_batch())["loss"].backward()
+    g = m2.dual_residual.proj.weight.grad
+    assert g is not None and torch.count_nonzero(g) > 0   # zero weights still get a gradient
+    m2.save_pretrained(tmp_path / "ck")
+    m3 = VideoLanguageModel.from_pretrained(tmp_path / "ck")
+    assert m3.cfg.fusion.dual_residual and m3.cfg == m2.cfg
+    assert torch.equal(m3.dual_residual.proj.weight, m2.dual_residual.proj.weight)
+
+
+def test_dual_residual_needs_a_fusion(tiny_model_dict_factory):
+    d = tiny_model_dict_factory("none")
+    d["fusion"]["dual_residual"] = True
+    with pytest.raises(ValueError, match="dual_residual needs a fusion"):
+        from_dict(ModelConfig, d, where="model")

@@ -30,12 +30,16 @@ class FusionConfig:
 
     `num_layers`: cross-modal layers (encoder) or fused top layers in *each* tower (backbone).
     `num_heads` / `mlp_ratio` apply to the separate encoder only (backbone fusion uses the towers').
+    `dual_residual`: the pair representation the VTM / QA heads read also gets a learned projection of
+    the two dual embeddings' element-wise product (`VideoLanguageModel.fuse`), so those heads start from
+    the alignment VTC trained instead of from fusion layers that a short fine-tune must train from nothing.
     """
 
     kind: str = "encoder"          # a key of FUSIONS
     num_layers: int = 2
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    dual_residual: bool = False
 
     @property
     def tower_layers(self) -> int:
@@ -50,6 +54,8 @@ class FusionConfig:
         check_range("fusion.num_layers", self.num_layers, 0, MAX_LAYERS)
         check_range("fusion.num_heads", self.num_heads, 1, MAX_WIDTH)
         check_range("fusion.mlp_ratio", self.mlp_ratio, 0.25, 64)
+        if self.dual_residual and self.kind == "none":
+            raise ValueError("fusion.dual_residual needs a fusion (kind 'encoder' or 'backbone'); kind is 'none'")
 
 
 class CrossModalLayer(nn.Module):

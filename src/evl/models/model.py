@@ -72,6 +72,22 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(h))), self._words[0].weight, self.bias)
 
 
+class DualResidual(nn.Module):
+    """`fusion.dual_residual`: a projection of the dual embeddings' element-wise product (whose sum is
+    their cosine), added to the fused pair representation. Zero-initialised, so a model gains it without
+    changing its outputs; scaled by the embedding width, so that the product's entries are O(1)."""
+
+    def __init__(self, embed_dim: int, fused_dim: int):
+        super().__init__()
+        self.scale = float(embed_dim)
+        self.proj = nn.Linear(embed_dim, fused_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, pooled: torch.Tensor, video_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return pooled + self.proj(video_emb * text_emb * self.scale)
+
+
 class VideoLanguageModel(SavedModel, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,6 +104,7 @@ class VideoLanguageModel(SavedModel, nn.Module):
         if self.fusion is not None:
             self.vtm_head = nn.Linear(self.fused_dim, 2)
             self.mlm_head = MLMHead(tw, self.text.embeddings.word_embeddings)
+        self.dual_residual = DualResidual(cfg.embed_dim, self.fused_dim) if cfg.fusion.dual_residual else None
         self.qa_head = self._make_qa_head(cfg.num_answers) if cfg.num_answers else None
 
     # ---------------------------------------------------------------- construction / persistence
@@ -185,7 +202,10 @@ class VideoLanguageModel(SavedModel, nn.Module):
         """Cross-modal encoding of row-aligned pairs (video[i], text[i])."""
         if self.fusion is None:
             raise ValueError("this model has no fusion (fusion.kind='none'); matching, MLM and QA need one")
-        return self.fusion.fuse(self, video, text)
+        out = self.fusion.fuse(self, video, text)
+        if self.dual_residual is not None:
+            out.pooled = self.dual_residual(out.pooled, video.emb, text.emb)
+        return out
 
     def score_pairs(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
         """Matching logits (N, 2) for row-aligned pairs; softmax[:, 1] is the match probability."""
