@@ -180,6 +180,33 @@ def test_onnx_export_matches_pytorch_and_int8_stays_close(exported, trained, syn
         fp32.encode_video(torch.zeros(1, 2, 3, 32, 32))
 
 
+def test_a_stem_and_dual_residual_checkpoint_exports_and_matches(one_torch_thread, tiny_model_dict_factory, synthvl,
+                                                                 tmp_path):
+    """The quickstart's architecture (conv stem, channels-last inside; fusion.dual_residual) through evl.load,
+    `match` and `evl export`: ONNX fp32 equals eager within 1e-4."""
+    module("onnxruntime", "pip install -e '.[dev]' (or pip install onnxruntime)")
+    from evl.models.model import build_model
+
+    d = tiny_model_dict_factory("encoder", vocab_size=30522)
+    d["video"]["conv_stem"], d["fusion"]["dual_residual"] = 8, True
+    torch.manual_seed(0)
+    net = build_model(d)
+    with torch.no_grad():
+        net.dual_residual.proj.weight.normal_()
+    net.save_pretrained(tmp_path / "ck")
+    eager = evl.load(tmp_path / "ck")
+    assert eager.kind == "fusion" and eager.model.cfg.fusion.dual_residual and eager.model.cfg.video.conv_stem == 8
+    videos = _videos(synthvl)[:3]
+    p = eager.match(videos[0], ["a red circle", "a blue square"])
+    assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
+    result = invoke(["export", str(tmp_path / "ck"), "--out", str(tmp_path / "onnx"), "--no-int8"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert info["parity"]["video"]["fp32_max_abs_diff"] <= 1e-4
+    onnx = evl.load(tmp_path / "onnx")
+    assert (onnx.encode_video(videos) - eager.encode_video(videos)).abs().max() <= 1e-4
+
+
 def test_index_and_search_run_on_the_exported_encoders(exported, trained, synthvl, tmp_path):
     final, caps = trained
     video = _videos(synthvl)[3]

@@ -43,6 +43,7 @@ def test_quickstart_runs_the_named_recipe_and_reports_it(tmp_path):
     assert report["data"]["splits"] == {"train": 42, "val": 6, "test": 12}
     assert report["model"]["text"]["locked_layers"] == 1     # the lock travels with the checkpoint
     assert report["model"]["video"]["conv_stem"] == 32        # and so does the video stem
+    assert report["model"]["fusion"]["dual_residual"] is True  # and the fusion's dual residual
     assert json.loads((tmp_path / "qs" / "report.json").read_text())["pretrain_recipe"] == "pretrain-tiny-lit"
     assert "pre-training recipe      pretrain-tiny-lit (vtc, 2 steps)" in format_table(report)
     assert (tmp_path / "qs" / "training_curves.png").is_file()

@@ -37,6 +37,8 @@ def test_efficiency_recipes_values():
     assert vtc.objectives == lit.objectives == {"vtc": 1.0}
     assert (vtc.model.text.locked_layers, lit.model.text.locked_layers) == (0, 1)
     assert (vtc.model.video.conv_stem, lit.model.video.conv_stem) == (0, 32)   # the quickstart's recipe has the stem
+    assert (vtc.model.fusion.dual_residual, lit.model.fusion.dual_residual) == (False, True)   # and the residual
+    assert lit.model.fusion.kind == "encoder" and lit.model.fusion.num_layers == 2   # the rest of `tiny`'s fusion kept
     assert load_recipe("pretrain-tiny-lit", ["model.text.locked_layers=2"]).model.text.locked_layers == 2
 
 
@@ -194,6 +196,26 @@ def test_conv_stem_recipe_trains_the_stem_and_reloads_it(one_torch_thread, synth
     loaded = evl.load(out["checkpoint"])
     assert loaded.model.cfg.video.conv_stem == 8
     assert all(torch.equal(loaded.model.state_dict()[k], final[k]) for k in stem)
+
+
+def test_dual_residual_stays_zero_under_vtc_and_trains_in_the_qa_fine_tune(one_torch_thread, synthvl, tmp_path,
+                                                                             recipe_model):
+    """The quickstart's path for `fusion.dual_residual`: VTC pre-training leaves its projection at zero (the
+    fusion path never runs), the checkpoint carries it, and the QA fine-tune from that checkpoint trains it."""
+    from evl.checkpoint import load_tensors
+
+    model = {**recipe_model, "fusion": {**recipe_model["fusion"], "dual_residual": True}}
+    pre = run_recipe(load_recipe("pretrain-tiny-lit", tiny_recipe(synthvl, tmp_path / "pre", "pretrain", "pretrain.json",
+                                                                  "retrieval_test.json", 2, model)
+                                 + ["train.precision=fp32"]), evaluate=False)
+    w = load_tensors(Path(pre["checkpoint"]) / "model.safetensors")
+    assert torch.count_nonzero(w["dual_residual.proj.weight"]) == 0
+    qa = run_recipe(load_recipe("qa-tiny", tiny_recipe(synthvl, tmp_path / "qa", "qa", "qa_train.json", "qa_test.json",
+                                                       2, model) + ["train.precision=fp32"]),
+                    init=pre["checkpoint"], evaluate=False)
+    w = load_tensors(Path(qa["checkpoint"]) / "model.safetensors")
+    assert torch.count_nonzero(w["dual_residual.proj.weight"]) > 0
+    assert VideoLanguageModel.from_pretrained(qa["checkpoint"]).cfg.fusion.dual_residual
 
 
 def test_run_recipe_pretrain_end_to_end(pretrain_run):
