@@ -98,7 +98,7 @@ def evaluate(ckpts: dict[str, str], data: Path) -> dict:
         tally, _ = _tally(qm, records, videos, tok, s, None, "qa", vocab)
         if len(tally.preds) != len(records):
             raise RuntimeError("undecodable test clips: items would not pair across conditions")
-        out["qa_hits"] = [int(normalize_answer(p) == normalize_answer(g)) for p, g in zip(tally.preds, tally.gold)]
+        out["qa_hits"] = [int(normalize_answer(p) == normalize_answer(g)) for p, g in zip(tally.preds, tally.gold, strict=True)]
         out["qa_type"] = [f"{r.qtype}/{r.meta.get('subtype', '')}" for r in records]
         rm = VideoLanguageModel.from_pretrained(ckpts["retrieval"])
         mc, _ = _tally(rm, read_annotations(ann / "mc_test.json"), videos, tok, s, None, "mc")
