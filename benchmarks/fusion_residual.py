@@ -54,7 +54,7 @@ def with_option(pre: Path, out: Path) -> Path:
     missing, unexpected = new.load_state_dict(m.state_dict(), strict=False)
     if unexpected or any(not k.startswith("dual_residual.") for k in missing):
         raise RuntimeError(f"unexpected differences: missing {missing}, unexpected {unexpected}")
-    assert torch.count_nonzero(new.dual_residual.proj.weight) == 0
+    assert torch.count_nonzero(new.dual_residual.weight) == 0
     new.save_pretrained(out, None)
     shutil.copyfile(pre / "tokenizer.json", out / "tokenizer.json")
     return out

@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides of this condition")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the docs' table from --json and stop")
+    ap.add_argument("--rewrite", action="store_true", help="write --json from WORK/rows.jsonl (rows gathered by "
+                    "separate runs) without training")
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(args.json.read_text())["summary"]))
@@ -177,16 +179,23 @@ def main() -> None:
     def done(kind: str, seed: int, cond: tuple) -> bool:
         return any(r["kind"] == kind and r["seed"] == seed and condition(r) == cond for r in rows)
 
-    def add(row: dict) -> None:
-        rows.append(row)
-        with cache.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    def write() -> None:
         out = {"settings": {"train_max": TRAIN_MAX, "val": VAL, "test": TEST, "recipe": "pretrain-tiny-lit",
                             "steps": STEPS, "synthvl_seed": 0},
                "meta_runs": [*metas, finish_meta(dict(meta))], **summarise(rows),
                "rows": [{k: v for k, v in r.items() if k not in ("ranks", "compositional")} for r in rows]}
         args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        with cache.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        write()
         print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "compositional")}), flush=True)
+
+    if args.rewrite:
+        write()
+        return
 
     full = full_data(args.work)
     for seed in args.seeds:

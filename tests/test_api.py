@@ -192,7 +192,7 @@ def test_a_stem_and_dual_residual_checkpoint_exports_and_matches(one_torch_threa
     torch.manual_seed(0)
     net = build_model(d)
     with torch.no_grad():
-        net.dual_residual.proj.weight.normal_()
+        net.dual_residual.weight.normal_()
     net.save_pretrained(tmp_path / "ck")
     eager = evl.load(tmp_path / "ck")
     assert eager.kind == "fusion" and eager.model.cfg.fusion.dual_residual and eager.model.cfg.video.conv_stem == 8

@@ -513,7 +513,7 @@ def _with_dual_residual(m: VideoLanguageModel) -> VideoLanguageModel:
     cfg = dataclasses.replace(m.cfg, fusion=dataclasses.replace(m.cfg.fusion, dual_residual=True))
     m2 = VideoLanguageModel(cfg)
     missing, unexpected = m2.load_state_dict(m.state_dict(), strict=False)
-    assert sorted(missing) == ["dual_residual.proj.bias", "dual_residual.proj.weight"] and not unexpected
+    assert sorted(missing) == ["dual_residual.bias", "dual_residual.weight"] and not unexpected
     return m2.eval()
 
 
@@ -530,9 +530,9 @@ def test_dual_residual_starts_as_identity_and_adds_the_projected_product(tiny_mo
         assert torch.equal(m2.score_pairs(vf, tf), m.score_pairs(vf, tf))
         assert torch.equal(m2.answer(vf, tf), m.answer(vf, tf))
         # with weights: pooled + W (v * t * embed_dim) + b, computed by hand
-        w = torch.randn_like(m2.dual_residual.proj.weight)
-        m2.dual_residual.proj.weight.copy_(w)
-        m2.dual_residual.proj.bias.fill_(0.5)
+        w = torch.randn_like(m2.dual_residual.weight)
+        m2.dual_residual.weight.copy_(w)
+        m2.dual_residual.bias.fill_(0.5)
         expect = m.fuse(vf, tf).pooled + (vf.emb * tf.emb * 16) @ w.T + 0.5
         torch.testing.assert_close(m2.fuse(vf, tf).pooled, expect, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(m2.score_pairs(vf, tf), m.score_pairs(vf, tf))
@@ -541,12 +541,12 @@ def test_dual_residual_starts_as_identity_and_adds_the_projected_product(tiny_mo
 def test_dual_residual_trains_and_round_trips(tiny_model_config, tmp_path):
     m2 = _with_dual_residual(make_model(tiny_model_config, "encoder")).train()
     objective(m2, vtc=1.0, vtm=1.0)(train_batch())["loss"].backward()
-    g = m2.dual_residual.proj.weight.grad
+    g = m2.dual_residual.weight.grad
     assert g is not None and torch.count_nonzero(g) > 0   # zero weights still get a gradient
     m2.save_pretrained(tmp_path / "ck")
     m3 = VideoLanguageModel.from_pretrained(tmp_path / "ck")
     assert m3.cfg.fusion.dual_residual and m3.cfg == m2.cfg
-    assert torch.equal(m3.dual_residual.proj.weight, m2.dual_residual.proj.weight)
+    assert torch.equal(m3.dual_residual.weight, m2.dual_residual.weight)
 
 
 def test_dual_residual_needs_a_fusion(tiny_model_dict_factory):
@@ -554,3 +554,18 @@ def test_dual_residual_needs_a_fusion(tiny_model_dict_factory):
     d["fusion"]["dual_residual"] = True
     with pytest.raises(ValueError, match="dual_residual needs a fusion"):
         from_dict(ModelConfig, d, where="model")
+
+
+def test_dual_residual_draws_nothing_from_the_rng(tiny_model_config):
+    """Building the option leaves every other weight, and the RNG state after the model, as without it."""
+    import dataclasses
+
+    cfg = tiny_model_config("encoder")
+    torch.manual_seed(3)
+    plain, after_plain = VideoLanguageModel(cfg).state_dict(), torch.rand(4)
+    torch.manual_seed(3)
+    with_it = VideoLanguageModel(dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, dual_residual=True)))
+    assert torch.equal(torch.rand(4), after_plain)
+    sd = with_it.state_dict()
+    assert set(sd) - set(plain) == {"dual_residual.weight", "dual_residual.bias"}
+    assert all(torch.equal(sd[k], v) for k, v in plain.items())

@@ -209,12 +209,12 @@ def test_dual_residual_stays_zero_under_vtc_and_trains_in_the_qa_fine_tune(one_t
                                                                   "retrieval_test.json", 2, model)
                                  + ["train.precision=fp32"]), evaluate=False)
     w = load_tensors(Path(pre["checkpoint"]) / "model.safetensors")
-    assert torch.count_nonzero(w["dual_residual.proj.weight"]) == 0
+    assert torch.count_nonzero(w["dual_residual.weight"]) == 0
     qa = run_recipe(load_recipe("qa-tiny", tiny_recipe(synthvl, tmp_path / "qa", "qa", "qa_train.json", "qa_test.json",
                                                        2, model) + ["train.precision=fp32"]),
                     init=pre["checkpoint"], evaluate=False)
     w = load_tensors(Path(qa["checkpoint"]) / "model.safetensors")
-    assert torch.count_nonzero(w["dual_residual.proj.weight"]) > 0
+    assert torch.count_nonzero(w["dual_residual.weight"]) > 0
     assert VideoLanguageModel.from_pretrained(qa["checkpoint"]).cfg.fusion.dual_residual
 
 

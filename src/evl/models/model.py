@@ -74,18 +74,18 @@ class MLMHead(nn.Module):
 
 class DualResidual(nn.Module):
     """`fusion.dual_residual`: a projection of the dual embeddings' element-wise product (whose sum is
-    their cosine), added to the fused pair representation. Zero-initialised, so a model gains it without
-    changing its outputs; scaled by the embedding width, so that the product's entries are O(1)."""
+    their cosine), added to the fused pair representation. Zero-initialised — a model gains it without
+    changing its outputs, and building it draws nothing from the RNG, so every other weight and the data
+    order start as without it —; scaled by the embedding width, so that the product's entries are O(1)."""
 
     def __init__(self, embed_dim: int, fused_dim: int):
         super().__init__()
         self.scale = float(embed_dim)
-        self.proj = nn.Linear(embed_dim, fused_dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.weight = nn.Parameter(torch.zeros(fused_dim, embed_dim))
+        self.bias = nn.Parameter(torch.zeros(fused_dim))
 
     def forward(self, pooled: torch.Tensor, video_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return pooled + self.proj(video_emb * text_emb * self.scale)
+        return pooled + F.linear(video_emb * text_emb * self.scale, self.weight, self.bias)
 
 
 class VideoLanguageModel(SavedModel, nn.Module):
