@@ -6,6 +6,10 @@ Prints a table and writes benchmarks/results/train_step.json. This is the baseli
 sparsification (SMAUG) is measured against. Timings depend on the machine and its load; the CPU
 (model, SIMD capability, bf16 flags) and the precision used are written beside them.
 
+`--model-override KEY=VALUE ...` (repeatable) adds a row of the same model with those model-config overrides,
+e.g. the quickstart's stem against none: `--model-override text.locked_layers=1 --model-override
+text.locked_layers=1 video.conv_stem=32 --objectives vtc --models tiny`.
+
 `--no-mask-ablation` skips the side-by-side row that feeds the old all-valid frame mask (which made
 attention build a key mask and miss SDPA's unmasked fast path).
 """
@@ -49,10 +53,11 @@ def _flops(objective, batch) -> int:
 
 
 def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_mask: bool = False,
-                progress: float = 1.0) -> dict:
-    """Median step time of `objectives` on model `name`; `progress` is the training fraction the step
-    reports to scheduled terms (1.0: e.g. sparsification at its final keep rate)."""
-    from evl.config import from_dict, load_yaml
+                progress: float = 1.0, overrides: list[str] | None = None) -> dict:
+    """Median step time of `objectives` on model `name` (with `overrides`, model-config KEY=VALUE items);
+    `progress` is the training fraction the step reports to scheduled terms (1.0: e.g. sparsification at
+    its final keep rate)."""
+    from evl.config import deep_merge, from_dict, load_yaml, parse_overrides
     from evl.data.datasets import Collator
     from evl.data.text import tokenizer_for
     from evl.models.model import ModelConfig, VideoLanguageModel
@@ -60,7 +65,8 @@ def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_ma
     from evl.train.objective import TrainObjective
 
     torch.manual_seed(0)
-    model = VideoLanguageModel(from_dict(ModelConfig, load_yaml(name, "models"), where=name))
+    config = deep_merge(load_yaml(name, "models"), parse_overrides(overrides or []))
+    model = VideoLanguageModel(from_dict(ModelConfig, config, where=name))
     tokenizer = tokenizer_for(model.cfg)
     objective = TrainObjective.from_spec(model, objectives, tokenizer).train()
     precision = resolve_precision("auto", "cpu")
@@ -93,7 +99,8 @@ def bench_model(name: str, objectives: dict, steps: int, out: Path, all_valid_ma
     med = {k: statistics.median(v) for k, v in times.items()}
     total = sum(med.values())
     flops = _flops(objective, batch)
-    return {"model": name, "batch": b, "objectives": objectives, "precision": precision.name,
+    return {"model": name, **({"overrides": overrides} if overrides else {}), "batch": b, "objectives": objectives,
+            "precision": precision.name,
             "frame_mask": "all-valid mask (old)" if all_valid_mask else "none when unpadded",
             "seconds": {k: round(v, 4) for k, v in med.items()}, "step_s": round(total, 4),
             "clips_per_s": round(b / total, 2), "gflop_per_step": round(flops / 1e9, 2),
@@ -108,6 +115,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--objectives", default="vtc,vtm,mlm")
     ap.add_argument("--no-mask-ablation", action="store_true")
+    ap.add_argument("--model-override", nargs="+", default=[], metavar="KEY=VALUE", action="append",
+                    help="one more row per use: the model(s) with these model-config overrides "
+                         "(e.g. video.conv_stem=32 text.locked_layers=1), measured after the plain row")
     ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.steps < 1:
@@ -128,6 +138,8 @@ def main() -> None:
                 # old path first, so the new one does not get the benefit of a warmer machine
                 rows.append(bench_model(name, objectives, args.steps, Path(tmp), all_valid_mask=True))
             rows.append(bench_model(name, objectives, args.steps, Path(tmp)))
+            for extra in args.model_override:
+                rows.append(bench_model(name, objectives, args.steps, Path(tmp), overrides=extra))
     info = cpu_info()
     print(f"CPU: {info['model']} ({info['capability']}, bf16 flags {info['flags_bf16']}, {info['cores']} cores), "
           f"torch {info['torch']}; bf16: {why}")
@@ -139,7 +151,8 @@ def main() -> None:
     for r in rows:
         s = r["seconds"]
         pct = 100 * r["achieved_gflops"] / peak[r["precision"]]
-        print(f"{r['model']:14s} {r['batch']:5d} {r['precision']:>5s} {r['frame_mask']:>22s} {r['clips_per_s']:8.2f} "
+        label = r["model"] + "".join(f" {o}" for o in r.get("overrides", []))
+        print(f"{label:14s} {r['batch']:5d} {r['precision']:>5s} {r['frame_mask']:>22s} {r['clips_per_s']:8.2f} "
               f"{s['data']:6.3f} {s['forward']:6.3f} {s['backward']:6.3f} {s['optimizer']:6.3f} "
               f"{r['gflop_per_step']:7.1f} {r['achieved_gflops']:8.1f} {pct:6.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
