@@ -158,6 +158,12 @@ def main() -> None:
     meta = run_meta(seeds=args.seeds, precision=resolve_precision("auto", "cpu").name,
                     evl_precision_env=os.environ.get("EVL_PRECISION"))
     data = args.pre_runs / "data-1400"
+    missing = [p for p in [data / "annotations", *(args.pre_runs / "runs" / f"n1400-t755-c1024-s{s}-model.video.conv_stem_32"
+                                                   / "final" for s in args.seeds)] if not p.exists()]
+    if missing:
+        raise SystemExit(f"--pre-runs {args.pre_runs}: missing {', '.join(map(str, missing))}; run "
+                         "`EVL_PRECISION=fp32 python benchmarks/train_data_scale.py --train-clips 1400 --steps 755 "
+                         f"--cache-mb 1024 --override model.video.conv_stem=32 --work {args.pre_runs} --seeds ...` first")
     args.work.mkdir(parents=True, exist_ok=True)
     rows_file = args.work / "rows.jsonl"
     rows = [json.loads(x) for x in rows_file.read_text().splitlines()] if rows_file.is_file() else []
